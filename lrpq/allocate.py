@@ -1,0 +1,244 @@
+"""Turn per-layer relevance into per-layer bit widths under a mean-bits budget (LRP-QViT).
+
+Two allocators share one contract — integer widths within ``widths`` whose unweighted mean is the
+target — so they can be swapped behind ``make_bit_plan``: ``paper`` reproduces the published rule,
+``exact`` solves the budgeted problem optimally for a stated noise model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection, Mapping, Sequence
+
+from lrpq.config import MAX_PRIMITIVE_BITS, MIN_PRIMITIVE_BITS, BitPlan, LayerBits
+from lrpq.errors import LrpqError
+
+ALLOCATORS = ("paper", "exact")
+# Budgets within this of an integer count as that integer, so 3.3 * 10 layers is 33 bits, not 32.
+_BUDGET_TOLERANCE = 1e-9
+
+
+class AllocationError(LrpqError):
+    """Scores, block structure, target or widths for which no bit allocation exists."""
+
+
+def _check_widths(widths: tuple[int, int]) -> tuple[int, int]:
+    """Return ``(lo, hi)`` if every width between them is one a LayerBits can hold."""
+    ok = (
+        isinstance(widths, tuple)
+        and len(widths) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
+        and MIN_PRIMITIVE_BITS <= widths[0] <= widths[1] <= MAX_PRIMITIVE_BITS
+    )
+    if not ok:
+        raise AllocationError(
+            f"widths={widths!r} is not a valid range; use a tuple (lo, hi) of integers with "
+            f"{MIN_PRIMITIVE_BITS} <= lo <= hi <= {MAX_PRIMITIVE_BITS}"
+        )
+    return widths
+
+
+def _check_relevance(relative: Mapping[str, float], *, what: str = "relevance") -> None:
+    """Reject values that would make an ordering or a weighted objective meaningless."""
+    for name, value in relative.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise AllocationError(f"{what} of {name!r} is {value!r}; use a finite number >= 0")
+
+
+def _blocks_of(layers: Collection[str], block_of: Mapping[str, str], block_order: Sequence[str]) -> dict[str, str]:
+    """Map each layer to its block, failing on layers or blocks the caller did not describe."""
+    if len(set(block_order)) != len(block_order):
+        raise AllocationError(f"block_order={list(block_order)!r} repeats a block; list each block once")
+    known = set(block_order)
+    blocks: dict[str, str] = {}
+    for name in layers:
+        if name not in block_of:
+            raise AllocationError(f"layer {name!r} is missing from block_of; give every scored layer a block")
+        if block_of[name] not in known:
+            raise AllocationError(
+                f"block {block_of[name]!r} of layer {name!r} is not in block_order; add it to block_order"
+            )
+        blocks[name] = block_of[name]
+    return blocks
+
+
+def relative_importance(scores: Mapping[str, float], block_of: Mapping[str, str]) -> dict[str, float]:
+    """Normalise raw scores so each block's layers sum to 1.
+
+    LRP relevance is conserved layer to layer, so raw totals shrink or grow with depth; dividing by
+    the block total makes layers of different blocks comparable. A block whose scores are all zero
+    carries no information, so its layers share the block equally rather than dividing by zero.
+    """
+    _check_relevance(scores, what="score")
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, score in scores.items():
+        if name not in block_of:
+            raise AllocationError(f"layer {name!r} is missing from block_of; give every scored layer a block")
+        block = block_of[name]
+        totals[block] = totals.get(block, 0.0) + score
+        counts[block] = counts.get(block, 0) + 1
+    relative: dict[str, float] = {}
+    for name, score in scores.items():
+        block = block_of[name]
+        relative[name] = score / totals[block] if totals[block] > 0 else 1.0 / counts[block]
+    return relative
+
+
+def paper_allocation(
+    relative: Mapping[str, float],
+    block_of: Mapping[str, str],
+    block_order: Sequence[str],
+    target: int,
+    widths: tuple[int, int] = (3, 6),
+    raised_blocks: int = 2,
+) -> dict[str, int]:
+    """The LRP-QViT rule: early blocks get one bit more, the least relevant later layers pay for it.
+
+    The first blocks feed every later one, so their errors compound; raising all their layers and
+    lowering an equal number of the least relevant remaining layers keeps the unweighted mean at
+    exactly ``target``. Ties in relevance go to the lexicographically smaller name being lowered
+    first, so the result does not depend on the mapping's order.
+    """
+    lo, hi = _check_widths(widths)
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not lo <= target <= hi:
+        raise AllocationError(f"target={target!r} is not usable; use an integer from {lo} to {hi}")
+    target = int(target)
+    if isinstance(raised_blocks, bool) or not isinstance(raised_blocks, int) or raised_blocks < 0:
+        raise AllocationError(f"raised_blocks={raised_blocks!r} is not usable; use an integer >= 0")
+    _check_relevance(relative)
+    blocks = _blocks_of(relative, block_of, block_order)
+    early = set(block_order[:raised_blocks])
+    raised = [name for name in relative if blocks[name] in early]
+    others = sorted((name for name in relative if blocks[name] not in early), key=lambda n: (relative[n], n))
+    if raised and target + 1 > hi:
+        raise AllocationError(f"target={target} cannot be raised to {target + 1} within widths=({lo}, {hi})")
+    if raised and target - 1 < lo:
+        raise AllocationError(f"target={target} cannot be lowered to {target - 1} within widths=({lo}, {hi})")
+    if len(raised) > len(others):
+        raise AllocationError(
+            f"raised_blocks={raised_blocks} raises {len(raised)} layers but only {len(others)} other layers "
+            f"can be lowered; use raised_blocks small enough that at most half the layers are raised"
+        )
+    lowered = set(others[: len(raised)])
+    raised_set = set(raised)
+    return {name: target + 1 if name in raised_set else target - 1 if name in lowered else target for name in relative}
+
+
+def _budget(target: float, n_layers: int) -> int:
+    """Largest total bit count allowed by an unweighted mean of ``target`` over ``n_layers``."""
+    total = target * n_layers
+    nearest = round(total)
+    return nearest if abs(total - nearest) <= _BUDGET_TOLERANCE * max(1, n_layers) else math.floor(total)
+
+
+def exact_allocation(
+    relative: Mapping[str, float],
+    target: float,
+    widths: tuple[int, int] = (3, 6),
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """Optimal widths b_l in [lo, hi] maximising Σ w_l·r_l·u(b_l) subject to Σ b_l <= target·L.
+
+    u(b) = −4^(−b) is the removed quantization noise power: a uniform b-bit quantizer's error
+    variance is ∝ 4^(−b), so u is increasing and concave and each extra bit on a layer is worth a
+    quarter of the previous one. ``weights`` (default 1) scale a layer's share of the objective,
+    e.g. to count its size; they do not change the unit cost of a bit.
+
+    Why greedy is exact: the objective is separable and every bit costs 1, so any allocation is
+    ``lo`` per layer plus a set of K = budget − lo·L increments, and its value is the sum of their
+    marginal gains. Per layer those gains are non-increasing, so the K largest gains overall (taken
+    lowest level first within a layer) form a feasible allocation, and no set of K increments can
+    sum to more. Since every gain is >= 0, spending the whole budget is optimal, so the total is
+    exactly ``round(target·L)`` when that is an integer and ``floor(target·L)`` otherwise. Equal
+    gains go to the smaller name, so the result is independent of the mapping's order.
+    """
+    lo, hi = _check_widths(widths)
+    if (
+        isinstance(target, bool)
+        or not isinstance(target, numbers.Real)
+        or not math.isfinite(target)
+        or not lo <= target <= hi
+    ):
+        raise AllocationError(f"target={target!r} is infeasible; use a number from {lo} to {hi} (the widths)")
+    _check_relevance(relative)
+    scale = {name: 1.0 for name in relative}
+    if weights is not None:
+        missing = [name for name in relative if name not in weights]
+        if missing:
+            raise AllocationError(f"weights lack layer {missing[0]!r}; give a weight for every scored layer")
+        _check_relevance({name: weights[name] for name in relative}, what="weight")
+        scale = {name: float(weights[name]) for name in relative}
+    increments = sorted(
+        # Raising a layer to ``level`` bits gains w·r·(4^-(level-1) - 4^-level) = 3·w·r·4^-level; the common
+        # factor 3 is dropped so that, unweighted, the keys are exact powers-of-two multiples of r.
+        (-scale[name] * float(relative[name]) * 4.0**-level, name, level)
+        for name in relative
+        for level in range(lo + 1, hi + 1)
+    )
+    bits = {name: lo for name in relative}
+    for _, name, _ in increments[: _budget(target, len(relative)) - lo * len(relative)]:
+        bits[name] += 1
+    return bits
+
+
+def make_bit_plan(
+    relative: Mapping[str, float],
+    block_of: Mapping[str, str],
+    block_order: Sequence[str],
+    *,
+    wbits: int,
+    abits: int,
+    weight_layers: Collection[str],
+    allocator: str = "paper",
+    widths: tuple[int, int] = (3, 6),
+) -> BitPlan:
+    """Allocate activation bits over every scored layer and weight bits over the weighted ones.
+
+    Weightless layers (attention matmuls) keep ``wbits``, which the quantizer ignores; that also
+    leaves ``plan.mean_bits("wbits")`` equal to ``wbits``. The plan lists layers block by block in
+    ``block_order``, and within a block in the order of ``relative``.
+    """
+    if allocator not in ALLOCATORS:
+        raise AllocationError(f"allocator={allocator!r} is unknown; use one of: {', '.join(ALLOCATORS)}")
+    for what, bits in (("wbits", wbits), ("abits", abits)):
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+            raise AllocationError(f"{what}={bits!r} is not an integer; use an integer within {widths!r}")
+    blocks = _blocks_of(relative, block_of, block_order)
+    unscored = sorted(set(weight_layers) - set(relative))
+    if unscored:
+        raise AllocationError(f"weight layer {unscored[0]!r} has no relevance; score every weight layer")
+    weighted = {name: value for name, value in relative.items() if name in weight_layers}
+
+    def allocate(scores: Mapping[str, float], target: int) -> dict[str, int]:
+        if allocator == "paper":
+            return paper_allocation(scores, block_of, block_order, target, widths)
+        return exact_allocation(scores, target, widths)
+
+    wbits, abits = int(wbits), int(abits)
+    activation_bits = allocate(relative, abits)
+    weight_bits = allocate(weighted, wbits)
+    rank = {block: i for i, block in enumerate(block_order)}
+    order = sorted(relative, key=lambda name: rank[blocks[name]])  # stable: keeps the given order in a block
+    return BitPlan({name: LayerBits(weight_bits.get(name, wbits), activation_bits[name]) for name in order})
+
+
+def weighted_mean_bits(plan: BitPlan, param_counts: Mapping[str, int]) -> float:
+    """Weight bits averaged by parameter count: the model's real weight storage per parameter.
+
+    The unweighted mean is the paper's budget, but an fc1 with 4x the parameters of a qkv costs 4x
+    the memory per bit. Plan layers absent from ``param_counts`` are taken to have no weights.
+    """
+    total = 0
+    weighted = 0
+    for name, count in param_counts.items():
+        if name not in plan.layers:
+            raise AllocationError(f"param_counts names {name!r}, which is not in the plan; use plan layers")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise AllocationError(f"param count of {name!r} is {count!r}; use an integer >= 0")
+        total += int(count)
+        weighted += int(count) * plan.layers[name].wbits
+    if total == 0:
+        raise AllocationError("param_counts sum to 0; give at least one plan layer a positive count")
+    return weighted / total

@@ -1,0 +1,173 @@
+"""One call from a float timm model to a fake-quantized one: ``quantize(model, config, calib)``.
+
+Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe post-LN activations
+channel-wise → fold CRL-clipped channel factors into LayerNorm and sink (``reparam``) → calibrate
+weights on the folded values → observe every activation quantizer → ``convert`` (log√2 → log2) →
+QUANT. ``prepare`` followed by ``convert`` builds the same module tree without data, which is how a
+saved run is loaded back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrpq.calibrate import calibration, observe_channels
+from lrpq.config import QuantConfig
+from lrpq.errors import LrpqError
+from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
+from lrpq.quantizers import FakeQuantizer, LogSqrt2Quantizer, QuantMode
+from lrpq.regions import Region, find_regions
+from lrpq.reparam import ensure_bias, fold_into_norm_and_sink, layerwise_fold_factors
+
+QuantLayer = QuantLinear | QuantConv2d | QuantMatMul
+
+
+class UnsupportedModelError(LrpqError):
+    """The model has no transformer attention lrpq knows how to quantize."""
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace attention, Linear and Conv2d modules by quantized ones, in place; quantizers start OFF."""
+    if not any(attention_factory(module) for module in model.modules()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no supported attention (timm ViT/DeiT/DINOv2 Attention or Swin "
+            "WindowAttention); other architectures need lrpq.modules.register_attention"
+        )
+    _replace(model, "", config)
+    if config.crl:
+        for region in find_regions(model):
+            ensure_bias(model.get_submodule(region.sink))
+    unknown = set(config.bit_plan.layers) - set(quant_layers(model))
+    if unknown:
+        raise LrpqError(
+            f"bit plan names layers the model does not have: {', '.join(sorted(unknown)[:5])}"
+            f"{' …' if len(unknown) > 5 else ''}"
+        )
+    return model
+
+
+def _replace(parent: nn.Module, prefix: str, config: QuantConfig) -> None:
+    for child_name, child in list(parent.named_children()):
+        name = f"{prefix}{child_name}"
+        factory = attention_factory(child)
+        if factory is not None:
+            child = factory(child, name, config)
+            setattr(parent, child_name, child)
+        else:
+            replacement = quantized_linear_like(child, name, config)
+            if replacement is not None:
+                setattr(parent, child_name, replacement)
+                continue
+        _replace(child, f"{name}.", config)
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every quantized layer by its stable name (the keys of a bit plan)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, QuantLinear | QuantConv2d | QuantMatMul)
+    }
+
+
+def quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """Every quantization point by its name (``<layer>.input``, ``<layer>.weight``, ``<layer>.a`` …)."""
+    return {module.name: module for module in model.modules() if isinstance(module, FakeQuantizer)}
+
+
+def set_mode(model: nn.Module, mode: QuantMode) -> None:
+    """Switch every quantizer, e.g. OFF to compare against the float function of the same model."""
+    for quantizer in quantizers(model).values():
+        quantizer.mode = mode
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap log√2 softmax quantizers for their log2 (shift) inference form, in place."""
+    for module in model.modules():
+        if isinstance(module, QuantMatMul) and isinstance(module.a_quantizer, LogSqrt2Quantizer):
+            module.a_quantizer = module.a_quantizer.to_log2()
+    return model
+
+
+CalibData = torch.Tensor | Sequence[Any]
+BatchRunner = Callable[[nn.Module, Any], object]
+
+
+def _batches(calib: CalibData, batch_size: int) -> Sequence[Any]:
+    return calib.split(batch_size) if isinstance(calib, torch.Tensor) else calib
+
+
+def _run(model: nn.Module, calib: CalibData, batch_size: int, run: BatchRunner, desc: str, progress: bool) -> None:
+    batches = _batches(calib, batch_size)
+    if len(batches) == 0:
+        raise LrpqError("no calibration images were given")
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        run(model, batch)
+
+
+def _forward(model: nn.Module, batch: torch.Tensor) -> object:
+    return model(batch)
+
+
+def activation_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """Quantizers of layer inputs and matmul operands: the ones calibrated from data."""
+    points: list[FakeQuantizer] = []
+    for layer in quant_layers(model).values():
+        if isinstance(layer, QuantMatMul):
+            points += [layer.a_quantizer, layer.b_quantizer]
+        else:
+            points.append(layer.input_quantizer)
+    return points
+
+
+def _reparameterize(
+    model: nn.Module,
+    regions: list[Region],
+    config: QuantConfig,
+    calib: CalibData,
+    batch_size: int,
+    run: BatchRunner,
+    progress: bool,
+) -> None:
+    sinks = {region.sink: model.get_submodule(region.sink) for region in regions}
+    bits = {name: sink.input_quantizer.bits for name, sink in sinks.items()}
+    with observe_channels(sinks, bits, config.percentiles) as observers:
+        _run(model, calib, batch_size, run, "channel stats", progress)
+    for region in regions:
+        scale, zero_point = observers[region.sink].qparams()
+        factors = layerwise_fold_factors(scale, zero_point, config.clip_k)
+        fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], factors)
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: CalibData,
+    *,
+    batch_size: int = 32,
+    run: BatchRunner = _forward,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` in place with ``config``, calibrating on ``calib``; returns ``model``.
+
+    ``calib`` is an (N, 3, H, W) tensor already preprocessed for the model, or a sequence of batches
+    that ``run(model, batch)`` feeds to the model (a detector's own data pipeline, say). It is read
+    twice: once for the channel statistics of the reparameterization, once for every quantizer.
+    """
+    model.eval()
+    prepare(model, config)
+    regions = find_regions(model) if config.crl else []
+    if regions:
+        _reparameterize(model, regions, config, calib, batch_size, run, progress)
+    for layer in quant_layers(model).values():
+        if isinstance(layer, QuantLinear | QuantConv2d):
+            layer.weight_quantizer.calibrate_from(layer.weight)
+    with calibration(activation_quantizers(model)):
+        _run(model, calib, batch_size, run, "calibration", progress)
+    return convert(model)

@@ -1,0 +1,163 @@
+"""``lrpq`` command line: argument parsing and printing only; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from lrpq.api import quantize
+from lrpq.config import BitPlan, QuantConfig
+from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
+from lrpq.errors import LrpqError
+from lrpq.evaluate import EvalResult, evaluate
+from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.runs import is_run_dir, load_run, save_run
+
+CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
+
+
+def _bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = None
+    if bits is None or not CLI_MIN_BITS <= bits <= CLI_MAX_BITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a bit width lrpq accepts: use {CLI_MIN_BITS} to {CLI_MAX_BITS}"
+        )
+    return bits
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _calibration_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
+    """Seeded draw from --calib-data, or a fixed list (paths relative to --calib-data)."""
+    folder = args.calib_data or os.environ.get("LRPQ_CALIB_DATA")
+    if folder is None:
+        raise LrpqError("calibration images are needed: pass --calib-data DIR (an ImageFolder) or set LRPQ_CALIB_DATA")
+    if args.calib_list:
+        paths = read_calibration_list(args.calib_list, folder)
+    else:
+        paths = draw_calibration_set(folder, args.calib_size, args.seed)
+    return load_calibration_images(paths, spec.data_config)
+
+
+def _quant_config(args: argparse.Namespace) -> QuantConfig:
+    abits = args.abits if args.abits is not None else args.wbits
+    config = QuantConfig(wbits=args.wbits, abits=abits, crl=not args.no_crl, clip_k=args.clip_k)
+    if args.bit_plan:
+        config = config.with_plan(BitPlan.load(args.bit_plan))
+    return config
+
+
+def _default_run_dir(spec: ModelSpec, config: QuantConfig) -> Path:
+    name = Path(spec.source).stem if spec.source.endswith(".json") else spec.source
+    return Path("runs") / f"{name}-w{config.wbits}a{config.abits}"
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    spec = resolve_model(args.model, args.checkpoint)
+    config = _quant_config(args)
+    calib = _calibration_images(args, spec)
+    model = build_model(spec)
+    started = time.perf_counter()
+    quantize(model, config, calib)
+    summary = {
+        "model": spec.source,
+        "timm_name": spec.timm_name,
+        "wbits": config.wbits,
+        "abits": config.abits,
+        "crl": config.crl,
+        "clip_k": config.clip_k,
+        "calibration_images": int(calib.shape[0]),
+        "seed": args.seed,
+        "calibration_seconds": round(time.perf_counter() - started, 2),
+    }
+    out = save_run(args.out or _default_run_dir(spec, config), model, spec, config, summary, overwrite=args.overwrite)
+    print(f"quantized {spec.source} to W{config.wbits}A{config.abits} in {summary['calibration_seconds']} s → {out}")
+    return 0
+
+
+def _print_result(source: str, result: EvalResult) -> None:
+    top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
+    skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
+    print(f"{source}: top-1 {result.top1:.2f}%{top5} on {result.n} images{skipped} ({result.seconds:.1f} s)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if is_run_dir(args.model):
+        model, spec, _ = load_run(args.model)
+    else:
+        spec = resolve_model(args.model, args.checkpoint)
+        model = build_model(spec)
+    num_classes = model.num_classes
+    loader = make_loader(
+        args.data, spec.data_config, spec.classes, num_classes, args.batch_size, args.limit, args.workers
+    )
+    result = evaluate(model, loader)
+    _print_result(args.model, result)
+    if args.json:
+        payload = {**result.to_json_dict(), "model": args.model, "data": str(args.data)}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrpq", description="Mixed-precision PTQ for vision transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="quantize a model and write a run directory")
+    q.add_argument("model", help="alias (deit_s, swin_t, …), timm model name, or model card JSON")
+    q.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
+    q.add_argument("--wbits", type=_bits, required=True, help="weight bits (3–8)")
+    q.add_argument("--abits", type=_bits, help="activation bits (3–8; default: --wbits)")
+    q.add_argument("--calib-data", help="ImageFolder to draw calibration images from (or $LRPQ_CALIB_DATA)")
+    q.add_argument("--calib-list", help="fixed list of calibration images, relative to --calib-data")
+    q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
+    q.add_argument("--clip-k", type=float, default=QuantConfig.clip_k, help="CRL clipping width k (mean ± k·std)")
+    q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
+    q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    q.set_defaults(func=cmd_quantize)
+
+    e = commands.add_parser("eval", help="top-1/top-5 of a float model or a run directory on an ImageFolder")
+    e.add_argument("model", help="run directory, alias, timm model name, or model card JSON")
+    e.add_argument("--checkpoint", help="weights file for a float model")
+    e.add_argument("--data", required=True, help="ImageFolder-style directory (<class>/<image>)")
+    e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--limit", type=_positive_int, help="evaluate an evenly spaced subset of this many images")
+    e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    e.add_argument("--json", help="also write the result to this JSON file")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LrpqError as error:
+        print(f"lrpq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

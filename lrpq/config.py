@@ -1,0 +1,131 @@
+"""Frozen, JSON-round-trippable configuration for a quantization run.
+
+Every quantization point has a stable dotted name taken from the timm module tree
+(``blocks.3.attn.qkv``, ``blocks.3.attn.matmul1``, ``layers.1.downsample.reduction``),
+so a per-layer bit plan can be written, read back and applied to the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lrpq.errors import LrpqError
+
+MIN_PRIMITIVE_BITS = 2
+MAX_PRIMITIVE_BITS = 8
+DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
+
+
+class ConfigError(LrpqError):
+    """A configuration value that no quantizer can honour."""
+
+
+def check_bits(bits: int, *, what: str, low: int = MIN_PRIMITIVE_BITS, high: int = MAX_PRIMITIVE_BITS) -> int:
+    """Return ``bits`` if it is an integer in [low, high], else raise a ConfigError naming ``what``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise ConfigError(f"{what}={bits!r} is not a supported bit width; use an integer from {low} to {high}")
+    return bits
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Bit widths of one quantized layer: its weights (if any) and its input activations."""
+
+    wbits: int
+    abits: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, what="wbits")
+        check_bits(self.abits, what="abits")
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    """Ordered layer name → bit widths; the contract between allocation and quantization."""
+
+    layers: Mapping[str, LayerBits] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"layers": {name: asdict(bits) for name, bits in self.layers.items()}}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> BitPlan:
+        layers = data.get("layers", data)
+        return cls({name: LayerBits(**bits) for name, bits in layers.items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> BitPlan:
+        return cls.from_json_dict(json.loads(Path(path).read_text()))
+
+    def mean_bits(self, kind: str = "wbits") -> float:
+        """Unweighted mean of ``wbits`` or ``abits`` over the plan's layers (the paper's budget)."""
+        values = [getattr(bits, kind) for bits in self.layers.values()]
+        return sum(values) / len(values) if values else 0.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that determines a quantized model, given the float model and calibration images.
+
+    ``bit_plan`` overrides ``wbits``/``abits`` for the layers it names; every other layer uses the
+    defaults. ``crl`` turns on the post-LayerNorm reparameterization and ``clip_k`` is its clipping
+    width (channel scales held within mean ± k·std; ``None`` reparameterizes without clipping).
+    ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
+    """
+
+    wbits: int = 4
+    abits: int = 4
+    crl: bool = True
+    clip_k: float | None = 2.0
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    per_channel_weights: bool = True
+    log_softmax: bool = True
+    bit_plan: BitPlan = field(default_factory=BitPlan)
+
+    @classmethod
+    def naive(cls, wbits: int, abits: int) -> QuantConfig:
+        """The floor to beat: per-tensor min-max everywhere, no reparameterization, uniform softmax."""
+        return cls(wbits, abits, crl=False, percentiles=(1.0,), per_channel_weights=False, log_softmax=False)
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, what="wbits")
+        check_bits(self.abits, what="abits")
+        if self.clip_k is not None and self.clip_k <= 0:
+            raise ConfigError(f"clip_k={self.clip_k} must be positive (or None to disable clipping)")
+        if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
+            raise ConfigError(f"percentiles={self.percentiles} must be a non-empty list of values in (0.5, 1]")
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+
+    def bits_for(self, name: str) -> LayerBits:
+        """Bit widths of the layer called ``name``: from the plan if named there, else the defaults."""
+        return self.bit_plan.layers.get(name, LayerBits(self.wbits, self.abits))
+
+    def with_plan(self, plan: BitPlan) -> QuantConfig:
+        return replace(self, bit_plan=plan)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["percentiles"] = list(self.percentiles)
+        data["bit_plan"] = self.bit_plan.to_json_dict()
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        fields = dict(data)
+        fields["percentiles"] = tuple(fields.get("percentiles", DEFAULT_PERCENTILES))
+        fields["bit_plan"] = BitPlan.from_json_dict(fields.get("bit_plan", {}))
+        return cls(**fields)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantConfig:
+        return cls.from_json_dict(json.loads(Path(path).read_text()))

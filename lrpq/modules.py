@@ -1,0 +1,190 @@
+"""Quantized layers built from timm modules, each owning its named quantization points.
+
+Attention is written out as ``q·kᵀ → softmax → ·v`` so that both matmuls are real modules
+(``<attn>.matmul1``, ``<attn>.matmul2``) with their own quantizers; the timm submodules (qkv, proj,
+norms, dropouts, relative position bias) are reused, not copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from lrpq.config import LayerBits, QuantConfig
+from lrpq.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+
+def _layer_quantizers(
+    name: str, bits: LayerBits, config: QuantConfig, weight: torch.Tensor
+) -> tuple[UniformQuantizer, UniformQuantizer]:
+    """Per-tensor input quantizer and (by default) per-output-channel weight quantizer of a layer."""
+    input_quantizer = UniformQuantizer(f"{name}.input", bits.abits, config.percentiles)
+    if not config.per_channel_weights:
+        return input_quantizer, UniformQuantizer(f"{name}.weight", bits.wbits, config.percentiles)
+    channel_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+    weight_quantizer = UniformQuantizer(
+        f"{name}.weight", bits.wbits, config.percentiles, channel_dim=0, param_shape=channel_shape
+    )
+    return input_quantizer, weight_quantizer
+
+
+class QuantLinear(nn.Linear):
+    """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer."""
+
+    def __init__(self, linear: nn.Linear, name: str, bits: LayerBits, config: QuantConfig):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d with a per-tensor input quantizer and a per-output-channel weight quantizer."""
+
+    def __init__(self, conv: nn.Conv2d, name: str, bits: LayerBits, config: QuantConfig):
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+        )
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` with both operands fake-quantized; ``log_a`` selects the log√2 grid for softmax outputs."""
+
+    def __init__(self, name: str, abits: int, percentiles: tuple[float, ...], log_a: bool = False) -> None:
+        super().__init__()
+        if log_a:
+            self.a_quantizer = LogSqrt2Quantizer(f"{name}.a", abits, percentiles)
+        else:
+            self.a_quantizer = UniformQuantizer(f"{name}.a", abits, percentiles)
+        self.b_quantizer = UniformQuantizer(f"{name}.b", abits, percentiles)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quantizer(a) @ self.b_quantizer(b)
+
+
+def _attention_matmuls(name: str, config: QuantConfig) -> tuple[QuantMatMul, QuantMatMul]:
+    return (
+        QuantMatMul(f"{name}.matmul1", config.bits_for(f"{name}.matmul1").abits, config.percentiles),
+        QuantMatMul(
+            f"{name}.matmul2", config.bits_for(f"{name}.matmul2").abits, config.percentiles, log_a=config.log_softmax
+        ),
+    )
+
+
+class QuantAttention(nn.Module):
+    """timm ``Attention`` (ViT, DeiT, DINOv2) with explicit, quantized q·kᵀ and attn·v."""
+
+    def __init__(self, attn: Attention, name: str, config: QuantConfig) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = attn.attn_dim
+        self.scale = attn.scale
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.matmul1, self.matmul2 = _attention_matmuls(name, config)
+        self.attn_drop, self.norm, self.gate = attn.attn_drop, attn.norm, attn.gate
+        self.proj, self.proj_drop = attn.proj, attn.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        scores = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        scores = maybe_add_mask(scores, resolve_self_attn_mask(tokens, scores, attn_mask, is_causal))
+        attn = self.attn_drop(scores.softmax(dim=-1))
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(nn.Module):
+    """Swin ``WindowAttention`` with relative position bias and shift mask, quantized matmuls explicit."""
+
+    def __init__(self, attn: WindowAttention, name: str, config: QuantConfig) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv = attn.qkv
+        self.matmul1, self.matmul2 = _attention_matmuls(name, config)
+        self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
+
+    def _relative_position_bias(self) -> torch.Tensor:
+        """(1, heads, window_area, window_area) bias gathered from the shared timm table."""
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        windows, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        scores = scores + self._relative_position_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            scores = scores.view(-1, num_win, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+            scores = scores.view(-1, self.num_heads, tokens, tokens)
+        attn = self.attn_drop(scores.softmax(dim=-1))
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(windows, tokens, -1)
+        return self.proj_drop(self.proj(x))
+
+
+AttentionFactory = Callable[[nn.Module, str, QuantConfig], nn.Module]
+
+_ATTENTION_FACTORIES: dict[type[nn.Module], AttentionFactory] = {
+    Attention: QuantAttention,
+    WindowAttention: QuantWindowAttention,
+}
+
+
+def register_attention(cls: type[nn.Module], factory: AttentionFactory) -> None:
+    """Teach lrpq to quantize another attention class (e.g. mmdet's Swin ``WindowMSA``).
+
+    ``factory(module, name, config)`` returns a replacement whose two products are ``QuantMatMul``
+    children called ``matmul1`` (q·kᵀ) and ``matmul2`` (attn·v).
+    """
+    _ATTENTION_FACTORIES[cls] = factory
+
+
+def attention_factory(module: nn.Module) -> AttentionFactory | None:
+    """The factory for this exact class (subclasses may change the forward, so no isinstance match)."""
+    return _ATTENTION_FACTORIES.get(type(module))
+
+
+def quantized_linear_like(module: nn.Module, name: str, config: QuantConfig) -> QuantLinear | QuantConv2d | None:
+    """The quantized counterpart of a plain Linear or Conv2d, or None for anything else."""
+    if type(module) is nn.Linear:
+        return QuantLinear(module, name, config.bits_for(name), config)
+    if type(module) is nn.Conv2d:
+        return QuantConv2d(module, name, config.bits_for(name), config)
+    return None

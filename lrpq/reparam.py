@@ -1,0 +1,68 @@
+"""Scale reparameterization of post-LayerNorm activations, with CRL clipping.
+
+RepQ-ViT calibrates the post-LN activation channel-wise (scale ``s_c``, zero point ``z_c``) and then
+rewrites the model so that one per-tensor quantizer ``(s̃, z̃)`` reproduces the channel-wise grid:
+with ``r_c = s_c / s̃`` and ``b_c = min_c / r_c - miñ`` (``min = -z·s``), the activation
+``x' = x / r - b`` maps every channel's range onto the common one. The factors fold exactly into the
+LayerNorm affine (``γ' = γ / r``, ``β' = β / r - b``) and the next Linear (``W' = W·diag(r)``,
+``bias' = bias + W'·b``), so the float function is unchanged.
+
+CRL (LRP-QViT) clips the per-channel scales and zero points to ``mean ± k·std`` across channels
+before computing the factors: an outlier channel then keeps part of its range in the activation
+instead of multiplying a whole column of the next weight by a large ``r``, which would otherwise
+stretch every output channel's weight range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def clip_to_mean_std(values: torch.Tensor, k: float | None) -> torch.Tensor:
+    """CRL: hold per-channel values within ``mean ± k·std`` across channels (``k=None``: unchanged)."""
+    if k is None:
+        return values
+    mean, std = values.mean(), values.std(unbiased=False)
+    return values.clamp(mean - k * std, mean + k * std)
+
+
+@dataclass(frozen=True)
+class FoldFactors:
+    """Per-channel ``r`` and ``b`` of ``x' = x / r - b``, and the per-tensor grid they target."""
+
+    r: torch.Tensor
+    b: torch.Tensor
+    target_scale: torch.Tensor
+    target_zero_point: torch.Tensor
+
+
+def layerwise_fold_factors(
+    channel_scale: torch.Tensor, channel_zero_point: torch.Tensor, clip_k: float | None
+) -> FoldFactors:
+    """Factors that turn a channel-wise grid into one per-tensor grid (RepQ-ViT Eq. 5–7, CRL-clipped)."""
+    scale = clip_to_mean_std(channel_scale, clip_k)
+    zero_point = clip_to_mean_std(channel_zero_point, clip_k)
+    target_scale, target_zero_point = scale.mean(), zero_point.mean()
+    r = scale / target_scale
+    b = (-zero_point * scale) / r - (-target_zero_point * target_scale)
+    return FoldFactors(r, b, target_scale, target_zero_point)
+
+
+@torch.no_grad()
+def fold_into_norm_and_sink(norm: nn.LayerNorm, sink: nn.Linear, factors: FoldFactors) -> None:
+    """Rewrite ``norm`` and ``sink`` in place so ``sink(norm(x))`` is unchanged but ``norm`` emits ``x / r - b``."""
+    r, b = factors.r.to(norm.weight.dtype), factors.b.to(norm.weight.dtype)
+    norm.weight.div_(r)
+    norm.bias.div_(r).sub_(b)
+    sink.weight.mul_(r)
+    ensure_bias(sink).add_(sink.weight @ b)
+
+
+def ensure_bias(linear: nn.Linear) -> nn.Parameter:
+    """Give ``linear`` a zero bias if it has none: the fold needs one (Swin's ``reduction`` has no bias)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+    return linear.bias
