@@ -103,9 +103,9 @@ def _batches(calib: CalibData, batch_size: int) -> Sequence[Any]:
 
 
 def _run(model: nn.Module, calib: CalibData, batch_size: int, run: BatchRunner, desc: str, progress: bool) -> None:
-    batches = _batches(calib, batch_size)
-    if len(batches) == 0:
+    if len(calib) == 0:
         raise LrpqError("no calibration images were given")
+    batches = _batches(calib, batch_size)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         run(model, batch)
 
@@ -168,6 +168,6 @@ def quantize(
     for layer in quant_layers(model).values():
         if isinstance(layer, QuantLinear | QuantConv2d):
             layer.weight_quantizer.calibrate_from(layer.weight)
-    with calibration(activation_quantizers(model)):
+    with calibration(activation_quantizers(model), config.calibrate_on_quantized):
         _run(model, calib, batch_size, run, "calibration", progress)
     return convert(model)

@@ -19,19 +19,23 @@ from lrpq.quantizers import FakeQuantizer
 
 
 @contextmanager
-def calibration(quantizers: Iterable[FakeQuantizer]) -> Iterator[None]:
-    """Observe with ``quantizers`` inside the block; freeze and enable them when it ends cleanly."""
+def calibration(quantizers: Iterable[FakeQuantizer], quantize_while_observing: bool = False) -> Iterator[None]:
+    """Observe with ``quantizers`` inside the block; freeze and enable them when it ends cleanly.
+
+    With ``quantize_while_observing`` each quantizer passes on its fake-quantized input, so every
+    layer is calibrated on the quantized activations it will see at inference (as RepQ-ViT does).
+    """
     quantizers = list(quantizers)
     for quantizer in quantizers:
-        quantizer.start_observing()
+        quantizer.start_observing(quantize_while_observing)
     try:
         yield
+        for quantizer in quantizers:
+            quantizer.finish_observing()
     except BaseException:
         for quantizer in quantizers:
             quantizer.abort_observing()
         raise
-    for quantizer in quantizers:
-        quantizer.finish_observing()
 
 
 @contextmanager

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 
-from lrpq.api import quantize
+from lrpq.allocate import ALLOCATORS, weighted_mean_bits
+from lrpq.api import quant_layers, quantize
 from lrpq.config import BitPlan, QuantConfig
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
 from lrpq.errors import LrpqError
 from lrpq.evaluate import EvalResult, evaluate
+from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores
 from lrpq.models import ModelSpec, build_model, resolve_model
-from lrpq.runs import is_run_dir, load_run, save_run
+from lrpq.relevance import LayerScores, compute_layer_scores
+from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
 
@@ -45,16 +48,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _calibration_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
-    """Seeded draw from --calib-data, or a fixed list (paths relative to --calib-data)."""
+def _image_folder(args: argparse.Namespace) -> str:
     folder = args.calib_data or os.environ.get("LRPQ_CALIB_DATA")
     if folder is None:
         raise LrpqError("calibration images are needed: pass --calib-data DIR (an ImageFolder) or set LRPQ_CALIB_DATA")
+    return folder
+
+
+def _calibration_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
+    """Seeded draw from --calib-data, or a fixed list (paths relative to --calib-data)."""
+    folder = _image_folder(args)
     if args.calib_list:
         paths = read_calibration_list(args.calib_list, folder)
     else:
         paths = draw_calibration_set(folder, args.calib_size, args.seed)
     return load_calibration_images(paths, spec.data_config)
+
+
+def _layer_scores(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module) -> LayerScores:
+    """Scores from --scores, or computed on --relevance-images images of the calibration folder."""
+    if args.scores:
+        return LayerScores.load(args.scores)
+    paths = draw_calibration_set(_image_folder(args), args.relevance_images, args.seed)
+    return compute_layer_scores(model, load_calibration_images(paths, spec.data_config))
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
@@ -65,18 +81,41 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
     return config
 
 
-def _default_run_dir(spec: ModelSpec, config: QuantConfig) -> Path:
+def _default_run_dir(spec: ModelSpec, config: QuantConfig, mixed: bool) -> Path:
     name = Path(spec.source).stem if spec.source.endswith(".json") else spec.source
-    return Path("runs") / f"{name}-w{config.wbits}a{config.abits}"
+    return Path("runs") / f"{name}-w{config.wbits}a{config.abits}{'-mixed' if mixed else ''}"
+
+
+def _budget_summary(model: torch.nn.Module, config: QuantConfig) -> dict[str, float]:
+    """Mean bits as the paper counts them (per layer) and weight bits weighted by parameter count."""
+    plan = effective_plan(model, config)
+    weighted_layers = {name: layer for name, layer in quant_layers(model).items() if hasattr(layer, "weight")}
+    weighted_plan = BitPlan({name: plan.layers[name] for name in weighted_layers})
+    counts = {name: layer.weight.numel() for name, layer in weighted_layers.items()}
+    return {
+        "mean_wbits": round(weighted_plan.mean_bits("wbits"), 4),
+        "mean_abits": round(plan.mean_bits("abits"), 4),
+        "param_weighted_wbits": round(weighted_mean_bits(weighted_plan, counts), 4),
+    }
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.mixed and args.bit_plan:
+        raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
     config = _quant_config(args)
+    out_dir = args.out or _default_run_dir(spec, config, args.mixed)
+    check_writable(out_dir, args.overwrite)
     calib = _calibration_images(args, spec)
     model = build_model(spec)
     started = time.perf_counter()
+    scores = None
+    if args.mixed:
+        scores = _layer_scores(args, spec, model)
+        config = config.with_plan(
+            plan_from_scores(model, scores, wbits=config.wbits, abits=config.abits, allocator=args.allocator)
+        )
     quantize(model, config, calib)
     summary = {
         "model": spec.source,
@@ -88,8 +127,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "calibration_images": int(calib.shape[0]),
         "seed": args.seed,
         "calibration_seconds": round(time.perf_counter() - started, 2),
+        **_budget_summary(model, config),
     }
-    out = save_run(args.out or _default_run_dir(spec, config), model, spec, config, summary, overwrite=args.overwrite)
+    if scores is not None:
+        summary |= {"allocator": args.allocator, "relevance_images": scores.num_images}
+
+    def write_scores(folder: Path) -> None:
+        if scores is not None:
+            scores.save(folder / "scores.json")
+            scores.save_csv(folder / "scores.csv")
+
+    out = save_run(out_dir, model, spec, config, summary, overwrite=args.overwrite, extra_files=write_scores)
     print(f"quantized {spec.source} to W{config.wbits}A{config.abits} in {summary['calibration_seconds']} s → {out}")
     return 0
 
@@ -134,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
     q.add_argument("--clip-k", type=float, default=QuantConfig.clip_k, help="CRL clipping width k (mean ± k·std)")
     q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
+    q.add_argument("--mixed", action="store_true", help="choose per-layer bits from relevance (mean = W/A bits)")
+    q.add_argument("--allocator", choices=ALLOCATORS, default="paper", help="paper rule or exact budgeted solver")
+    q.add_argument(
+        "--relevance-images",
+        type=_positive_int,
+        default=DEFAULT_RELEVANCE_IMAGES,
+        help=f"images (from --calib-data) to score layers on (default {DEFAULT_RELEVANCE_IMAGES})",
+    )
+    q.add_argument("--scores", help="layer scores JSON from `lrpq relevance` instead of computing them")
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     q.set_defaults(func=cmd_quantize)

@@ -8,6 +8,7 @@ so a per-layer bit plan can be written, read back and applied to the same archit
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -77,7 +78,10 @@ class QuantConfig:
     ``bit_plan`` overrides ``wbits``/``abits`` for the layers it names; every other layer uses the
     defaults. ``crl`` turns on the post-LayerNorm reparameterization and ``clip_k`` is its clipping
     width (channel scales held within mean ± k·std; ``None`` reparameterizes without clipping).
-    ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
+    ``conv_abits`` is the input width of Conv2d layers — in a ViT only the patch embedding, whose
+    input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
+    still wins. ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the
+    same code path.
     """
 
     wbits: int = 4
@@ -85,6 +89,8 @@ class QuantConfig:
     crl: bool = True
     clip_k: float | None = 2.0
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
+    conv_abits: int | None = 8
+    calibrate_on_quantized: bool = False
     per_channel_weights: bool = True
     log_softmax: bool = True
     bit_plan: BitPlan = field(default_factory=BitPlan)
@@ -92,20 +98,27 @@ class QuantConfig:
     @classmethod
     def naive(cls, wbits: int, abits: int) -> QuantConfig:
         """The floor to beat: per-tensor min-max everywhere, no reparameterization, uniform softmax."""
-        return cls(wbits, abits, crl=False, percentiles=(1.0,), per_channel_weights=False, log_softmax=False)
+        return cls(
+            wbits, abits, crl=False, percentiles=(1.0,), conv_abits=None, per_channel_weights=False, log_softmax=False
+        )
 
     def __post_init__(self) -> None:
         check_bits(self.wbits, what="wbits")
         check_bits(self.abits, what="abits")
-        if self.clip_k is not None and self.clip_k <= 0:
-            raise ConfigError(f"clip_k={self.clip_k} must be positive (or None to disable clipping)")
+        if self.conv_abits is not None:
+            check_bits(self.conv_abits, what="conv_abits")
+        if self.clip_k is not None and not (math.isfinite(self.clip_k) and self.clip_k > 0):
+            raise ConfigError(f"clip_k={self.clip_k} must be a positive finite number (or None to disable clipping)")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ConfigError(f"percentiles={self.percentiles} must be a non-empty list of values in (0.5, 1]")
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
-    def bits_for(self, name: str) -> LayerBits:
+    def bits_for(self, name: str, *, conv: bool = False) -> LayerBits:
         """Bit widths of the layer called ``name``: from the plan if named there, else the defaults."""
-        return self.bit_plan.layers.get(name, LayerBits(self.wbits, self.abits))
+        if name in self.bit_plan.layers:
+            return self.bit_plan.layers[name]
+        abits = self.conv_abits if conv and self.conv_abits is not None else self.abits
+        return LayerBits(self.wbits, abits)
 
     def with_plan(self, plan: BitPlan) -> QuantConfig:
         return replace(self, bit_plan=plan)

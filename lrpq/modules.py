@@ -17,7 +17,7 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from lrpq.config import LayerBits, QuantConfig
-from lrpq.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer
 
 
 def _layer_quantizers(
@@ -34,6 +34,39 @@ def _layer_quantizers(
     return input_quantizer, weight_quantizer
 
 
+def _identity(t: torch.Tensor) -> tuple[int, int, int]:
+    """What changes when a tensor is replaced, re-pointed (``.data =``, ``.to()``) or modified in place."""
+    return id(t), t.data_ptr(), t._version
+
+
+class _WeightCache:
+    """The fake-quantized weight of a layer, recomputed only when the weight or its quantizer changes.
+
+    A frozen weight gives the same fake-quantized tensor on every forward, so inference and the
+    calibration passes quantize each weight once instead of once per batch. The cache is a plain
+    attribute (never in the state dict) and serves only forwards without autograd: with gradients
+    enabled the weight is quantized afresh, so nothing is cached across a graph. Inference tensors
+    carry no version counter, so they are never cached either.
+    """
+
+    def __init__(self) -> None:
+        self._sources: tuple[torch.Tensor, ...] = ()  # kept alive so their ids stay unique
+        self._key: tuple[object, ...] | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
+        if quantizer.mode is not QuantMode.QUANT or torch.is_grad_enabled():
+            return quantizer(weight)
+        sources = (weight, quantizer.scale, quantizer.zero_point)
+        if any(t.is_inference() for t in sources):
+            return quantizer(weight)
+        key = (quantizer.bits, *(_identity(t) for t in sources))
+        if key != self._key:
+            self._value = quantizer(weight)
+            self._sources, self._key = sources, key
+        return self._value
+
+
 class QuantLinear(nn.Linear):
     """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer."""
 
@@ -42,9 +75,11 @@ class QuantLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
+        self._weight_cache = _WeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        weight = self._weight_cache.get(self.weight, self.weight_quantizer)
+        return F.linear(self.input_quantizer(x), weight, self.bias)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -66,9 +101,11 @@ class QuantConv2d(nn.Conv2d):
         self.weight = conv.weight
         self.bias = conv.bias
         self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
+        self._weight_cache = _WeightCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        weight = self._weight_cache.get(self.weight, self.weight_quantizer)
+        return self._conv_forward(self.input_quantizer(x), weight, self.bias)
 
 
 class QuantMatMul(nn.Module):
@@ -186,5 +223,5 @@ def quantized_linear_like(module: nn.Module, name: str, config: QuantConfig) -> 
     if type(module) is nn.Linear:
         return QuantLinear(module, name, config.bits_for(name), config)
     if type(module) is nn.Conv2d:
-        return QuantConv2d(module, name, config.bits_for(name), config)
+        return QuantConv2d(module, name, config.bits_for(name, conv=True), config)
     return None

@@ -36,7 +36,8 @@ class _CandidateObserver:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        if not bool(torch.isfinite(x).all()):
+        # A finite sum implies finite elements; only a huge-but-finite tensor needs the elementwise check.
+        if not (bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())):
             raise CalibrationError(f"non-finite values (NaN/Inf) reached quantization point '{self.name}'")
         lower, upper = percentile_bounds(x, self.percentiles, self.channel_dim)
         errors = self._candidate_errors(x, lower, upper)
@@ -52,7 +53,8 @@ class _CandidateObserver:
         raise NotImplementedError
 
     def _squared_error(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        diff = (x - x_hat).square()
+        """Squared error of a candidate, per channel when channel-wise; consumes ``x_hat`` as scratch."""
+        diff = x_hat.sub_(x).square_()
         if self.channel_dim is None:
             return diff.sum()
         return diff.movedim(self.channel_dim, -1).reshape(-1, diff.shape[self.channel_dim]).sum(0)

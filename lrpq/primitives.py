@@ -8,6 +8,7 @@ same functions serve per-tensor (scalars) and per-channel (shape ``(C, 1, ...)``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -34,8 +35,19 @@ def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
 
 def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize then dequantize: the value an integer kernel would reproduce."""
-    return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+    """Quantize then dequantize: the value an integer kernel would reproduce.
+
+    Evaluated as ``clamp(round(x / scale), -zero_point, 2^b - 1 - zero_point) · scale`` in place on one
+    buffer. The zero point is an integer, so moving it into the clamp bounds is exact and the values
+    equal ``(quantize_uniform(...) - zero_point) · scale``; it is one allocation and four passes instead
+    of six of each, which is most of the cost of fake-quant inference on large activations.
+    """
+    return torch.div(x, scale).round_().clamp_(-zero_point, 2**bits - 1 - zero_point).mul_(scale)
+
+
+def _log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``round(-2·log2(x / scale))`` clamped to [0, 2^b], in place on one buffer; 2^b marks underflow."""
+    return torch.div(x, scale).clamp_(min=0.0).log2_().mul_(-2.0).round_().clamp_(0, 2**bits)
 
 
 def quantize_log_sqrt2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +57,9 @@ def quantize_log_sqrt2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple
     many small probabilities while still representing values near ``scale`` precisely. Codes past the
     last level (and exact zeros) dequantize to 0.
     """
-    ratio = torch.clamp(x / scale, min=0.0)
-    codes = torch.round(-2.0 * torch.log2(ratio))  # +inf where x == 0
-    underflow = codes >= 2**bits
-    return torch.clamp(codes, 0, 2**bits - 1), underflow
+    codes = _log_codes(x, scale, bits)
+    underflow = codes == 2**bits
+    return codes.clamp_(max=2**bits - 1), underflow
 
 
 def dequantize_log_sqrt2(codes: torch.Tensor, underflow: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,10 +67,32 @@ def dequantize_log_sqrt2(codes: torch.Tensor, underflow: torch.Tensor, scale: to
     return torch.where(underflow, torch.zeros_like(codes), scale * torch.exp2(-codes / 2.0))
 
 
+def _log_grid_values(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Fake-quantize ``x`` on a log grid whose levels ``dequantize(codes, underflow, scale)`` gives.
+
+    With a per-tensor scale there are only 2^b + 1 possible outputs, so they are computed once with
+    the same elementwise formula and gathered by code: about half the passes over ``x`` (post-softmax
+    attention is the largest activation of a ViT). A NaN input selects a NaN entry, as the formula would.
+    """
+    codes = _log_codes(x, scale, bits)
+    top = 2**bits
+    if scale.numel() != 1:
+        return dequantize(codes.clamp(max=top - 1), codes == top, scale)
+    levels = torch.arange(top, dtype=codes.dtype, device=codes.device)
+    grid = dequantize(levels, torch.zeros_like(levels, dtype=torch.bool), scale).reshape(-1)
+    table = torch.cat([grid, grid.new_tensor([0.0, math.nan])])
+    index = codes.nan_to_num_(nan=top + 1).to(torch.int32)
+    return table.index_select(0, index.reshape(-1)).view(codes.shape)
+
+
 def fake_quant_log_sqrt2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Log√2 fake quantization used while calibrating post-softmax activations."""
-    codes, underflow = quantize_log_sqrt2(x, scale, bits)
-    return dequantize_log_sqrt2(codes, underflow, scale)
+    return _log_grid_values(x, scale, bits, dequantize_log_sqrt2)
 
 
 def log2_shift_form(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +115,45 @@ def dequantize_log2(
     return torch.where(underflow, torch.zeros_like(value), value)
 
 
-def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log√2 quantization evaluated through its log2 (shift + parity) form; equal to the log√2 values."""
-    codes, underflow = quantize_log_sqrt2(x, scale, bits)
+def _dequantize_log2_codes(codes: torch.Tensor, underflow: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     shift, parity = log2_shift_form(codes)
     return dequantize_log2(shift, parity, underflow, scale)
+
+
+def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log√2 quantization evaluated through its log2 (shift + parity) form; equal to the log√2 values."""
+    return _log_grid_values(x, scale, bits, _dequantize_log2_codes)
+
+
+_PIECES = 64
+_MIN_PIECE = 1 << 12
+
+
+def _tail(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The ``k`` largest (or smallest) values along the last dim, sorted from the extreme inwards.
+
+    ``topk`` over one long row runs on a single thread and costs about as much for k = 10 as for
+    k = 10⁴. A long 1-D row is therefore cut into pieces whose few extreme values are taken in
+    parallel, and the answer is the extreme ``k`` of their union. That is exact when no piece dropped
+    a value beyond the union's k-th (the dropped values of a piece never pass its last kept one);
+    pieces where that fails (outliers packed into a few tokens) are redone with their own top ``k``,
+    which cannot miss anything.
+    """
+    n = flat.shape[-1]
+    per_piece = 2 * math.ceil(k / _PIECES) + 32  # twice the share of an evenly spread tail, plus slack
+    if flat.dim() != 1 or n < _PIECES * _MIN_PIECE or per_piece * 4 > n // _PIECES:
+        return torch.topk(flat, k, largest=largest, sorted=True).values
+    body = flat[: n - n % _PIECES].view(_PIECES, -1)
+    rest = flat[body.numel() :]
+    kept = torch.topk(body, per_piece, dim=1, largest=largest, sorted=False).values
+    answer = torch.topk(torch.cat([kept.reshape(-1), rest]), k, largest=largest, sorted=True).values
+    weakest = kept.amin(1) if largest else kept.amax(1)
+    missed = weakest > answer[-1] if largest else weakest < answer[-1]
+    if not bool(missed.any()):
+        return answer
+    redone = torch.topk(body[missed], min(k, body.shape[1]), dim=1, largest=largest, sorted=False).values
+    union = torch.cat([kept[~missed].reshape(-1), redone.reshape(-1), rest])
+    return torch.topk(union, k, largest=largest, sorted=True).values
 
 
 def percentile_bounds(
@@ -94,17 +161,17 @@ def percentile_bounds(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower (1-p) and upper (p) quantiles of ``x`` for every ``p``, matching ``torch.quantile`` (linear).
 
-    Extreme quantiles only need the tails, so one ``topk`` per side replaces a full sort; with
-    ``channel_dim`` the same call serves every channel at once. Returns tensors of shape ``(P,)``
-    per tensor, or ``(P, C)`` per channel, for ``P = len(percentiles)``.
+    Extreme quantiles only need the tails, so one ``topk`` per side (see ``_tail``) replaces a full
+    sort; with ``channel_dim`` the same call serves every channel at once. Returns tensors of shape
+    ``(P,)`` per tensor, or ``(P, C)`` per channel, for ``P = len(percentiles)``.
     """
     flat = x.reshape(-1) if channel_dim is None else x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
     n = flat.shape[-1]
     positions = torch.tensor([p * (n - 1) for p in percentiles], dtype=torch.float64)
     lowest_index = int(torch.floor(positions.min()).item())
     k = n - lowest_index  # enough of the tail to cover every requested position
-    top = torch.topk(flat, k, dim=-1, largest=True, sorted=True).values  # descending
-    bottom = torch.topk(flat, k, dim=-1, largest=False, sorted=True).values  # ascending
+    top = _tail(flat, k, largest=True)  # descending
+    bottom = _tail(flat, k, largest=False)  # ascending
     lo_idx = torch.floor(positions).long()
     hi_idx = torch.ceil(positions).long()
     frac = (positions - lo_idx).to(x.dtype)

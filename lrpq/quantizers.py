@@ -19,6 +19,7 @@ from lrpq.primitives import fake_quant_log2, fake_quant_log_sqrt2, fake_quant_un
 class QuantMode(enum.Enum):
     OFF = "off"  # identity: the float model
     OBSERVE = "observe"  # identity, while an observer records statistics
+    OBSERVE_QUANT = "observe_quant"  # record, then fake-quantize with the parameters observed so far
     QUANT = "quant"  # fake-quantize with frozen parameters
 
 
@@ -36,15 +37,20 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.QUANT:
             return self.fake_quant(x)
+        if self.mode is QuantMode.OFF:
+            return x
+        if self.observer is None:
+            raise RuntimeError(f"quantizer '{self.name}' is observing without an observer")
+        self.observer.update(x)
         if self.mode is QuantMode.OBSERVE:
-            if self.observer is None:
-                raise RuntimeError(f"quantizer '{self.name}' is observing without an observer")
-            self.observer.update(x)
-        return x
+            return x
+        self.load_observer(self.observer)
+        return self.fake_quant(x)
 
-    def start_observing(self) -> None:
+    def start_observing(self, quantize_output: bool = False) -> None:
+        """Attach a fresh observer; ``quantize_output`` lets later layers calibrate on quantized inputs."""
         self.observer = self.make_observer()
-        self.mode = QuantMode.OBSERVE
+        self.mode = QuantMode.OBSERVE_QUANT if quantize_output else QuantMode.OBSERVE
 
     def finish_observing(self) -> None:
         """Freeze parameters from the observer and switch to QUANT."""

@@ -19,11 +19,12 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lrpq.api import convert, prepare, quant_layers
+from lrpq.api import convert, prepare, quant_layers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.models import ModelSpec, build_model
 from lrpq.modules import QuantMatMul
+from lrpq.quantizers import QuantMode
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -38,12 +39,17 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / MODEL_FILE).is_file()
 
 
+def check_writable(target: str | Path, overwrite: bool) -> None:
+    """Fail before any work is done if the run directory would be refused at the end."""
+    if Path(target).exists() and not overwrite:
+        raise RunError(f"output folder {target} already exists; choose another --out or pass --overwrite")
+
+
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``target`` that becomes ``target`` only if the block succeeds."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise RunError(f"output folder {target} already exists; choose another --out or pass --overwrite")
+    check_writable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -103,6 +109,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
     architecture = ModelSpec.from_json_dict({**payload["model"], "checkpoint": None, "pretrained": False})
     model = convert(prepare(build_model(architecture), config))
     model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=True)
+    set_mode(model, QuantMode.QUANT)
     return model.eval(), spec, config
 
 

@@ -1,0 +1,78 @@
+"""Relevance scores → bit plan: the "mixed" in ``lrpq quantize --mixed``.
+
+Only layers inside transformer blocks (and Swin's patch-merging ``reduction``) take part in the
+allocation; the patch embedding and the classifier head are scored for the report but keep the
+default widths, as in LRP-QViT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lrpq.allocate import make_bit_plan
+from lrpq.config import BitPlan
+from lrpq.relevance import LayerScores, compute_layer_scores
+
+DEFAULT_RELEVANCE_IMAGES = 32
+ALLOCATION_EXCLUDED_BLOCKS = ("patch_embed", "head")
+
+
+def allocatable(scores: LayerScores) -> LayerScores:
+    """The scores of layers inside blocks, without the patch embedding and head groups."""
+    kept = {
+        name: score for name, score in scores.scores.items() if scores.block_of[name] not in ALLOCATION_EXCLUDED_BLOCKS
+    }
+    return LayerScores(
+        scores=kept,
+        block_of={name: scores.block_of[name] for name in kept},
+        block_order=[block for block in scores.block_order if block not in ALLOCATION_EXCLUDED_BLOCKS],
+        num_images=scores.num_images,
+    )
+
+
+def _has_weights(model: nn.Module, name: str) -> bool:
+    """Scored layers that exist as modules with a weight (matmul1/matmul2 are products, not modules)."""
+    try:
+        return hasattr(model.get_submodule(name), "weight")
+    except AttributeError:
+        return False
+
+
+def plan_from_scores(
+    model: nn.Module,
+    scores: LayerScores,
+    *,
+    wbits: int,
+    abits: int,
+    allocator: str = "paper",
+    widths: tuple[int, int] = (3, 6),
+) -> BitPlan:
+    """Allocate weight and activation bits of every block layer from its relative importance."""
+    kept = allocatable(scores)
+    weight_layers = [name for name in kept.scores if _has_weights(model, name)]
+    return make_bit_plan(
+        kept.relative(),
+        kept.block_of,
+        kept.block_order,
+        wbits=wbits,
+        abits=abits,
+        weight_layers=weight_layers,
+        allocator=allocator,
+        widths=widths,
+    )
+
+
+def relevance_bit_plan(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    wbits: int,
+    abits: int,
+    allocator: str = "paper",
+    widths: tuple[int, int] = (3, 6),
+    progress: bool = True,
+) -> tuple[BitPlan, LayerScores]:
+    """Score ``model`` (float) on ``images`` and allocate bits; returns the plan and the scores."""
+    scores = compute_layer_scores(model, images, progress=progress)
+    return plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=allocator, widths=widths), scores

@@ -1,0 +1,135 @@
+"""Relevance report on disk: scores.json, scores.csv, importance.png and heatmap_<k>.png.
+
+The report is built in a hidden sibling directory and renamed into place only when every file is
+written, so a failure (bad heat map, full disk, Ctrl-C) never leaves a half-written report behind.
+Figures use matplotlib's object API with the Agg canvas, so no global backend is switched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from lrpq.config import BitPlan
+from lrpq.relevance import LayerScores, RelevanceError
+
+ImageLike = torch.Tensor | Image.Image | np.ndarray
+MapLike = torch.Tensor | np.ndarray
+HEATMAP_ALPHA = 0.5
+
+
+def _short_name(name: str, block: str) -> str:
+    """Layer name inside its block (``attn.qkv``), which is what tells bars in one group apart."""
+    return name[len(block) + 1 :] if name.startswith(f"{block}.") else name
+
+
+def _save(figure: Figure, path: Path) -> None:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_importance(scores: LayerScores, path: str | Path, plan: BitPlan | None = None) -> None:
+    """Bar chart of relative importance, one group of bars per block, bits on top when planned."""
+    relative = scores.relative()
+    kinds = list(dict.fromkeys(_short_name(name, scores.block_of[name]) for name in scores.scores))
+    colors = {kind: f"C{index % 10}" for index, kind in enumerate(kinds)}
+    positions, centers, x = [], [], 0.0
+    for block in scores.block_order:
+        names = [name for name in scores.scores if scores.block_of[name] == block]
+        positions.extend((name, x + offset) for offset, name in enumerate(names))
+        centers.append(x + (len(names) - 1) / 2)
+        x += len(names) + 1
+    figure = Figure(figsize=(max(8.0, 0.16 * x + 2), 4.5))
+    axes = figure.add_subplot()
+    for name, position in positions:
+        kind = _short_name(name, scores.block_of[name])
+        axes.bar(position, relative[name], color=colors[kind], width=0.85, label=kind)
+        bits = plan.layers.get(name) if plan is not None else None
+        if bits is not None:
+            label = f"W{bits.wbits}A{bits.abits}"
+            axes.text(position, relative[name], label, rotation=90, ha="center", va="bottom", fontsize=6)
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes.legend(unique.values(), unique.keys(), fontsize=7, ncol=min(len(unique), 8), loc="upper right")
+    axes.set_xticks(centers, scores.block_order, rotation=90, fontsize=7)
+    axes.set_ylim(0, max(relative.values(), default=1.0) * (1.35 if plan is not None else 1.15))
+    axes.set_ylabel("relative importance (score / block total)")
+    axes.set_title(f"LRP-QViT layer importance over {scores.num_images} images")
+    _save(figure, Path(path))
+
+
+def _image_array(image: ImageLike) -> np.ndarray:
+    """(H, W, 3) float array in [0, 1] from a PIL image or an unnormalised (C, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise RelevanceError(f"heat-map image must be a PIL image or a (C, H, W) array, got shape {array.shape}")
+    return np.clip(np.repeat(array, 3 // array.shape[0], 0).transpose(1, 2, 0), 0.0, 1.0)
+
+
+def _map_array(heat: MapLike) -> np.ndarray:
+    array = heat.detach().cpu().float().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, float)
+    if array.ndim != 2:
+        raise RelevanceError(f"heat map must be (H, W), got shape {array.shape}")
+    return array
+
+
+def save_heatmap(image: ImageLike, maps: Mapping[str, MapLike], path: str | Path, title: str = "") -> None:
+    """The image, then one jet overlay per named map, side by side, stretched to the image's extent."""
+    picture = _image_array(image)
+    arrays = {name: _map_array(heat) for name, heat in maps.items()}
+    height, width = picture.shape[:2]
+    extent = (0, width, height, 0)
+    figure = Figure(figsize=(3.2 * (1 + len(arrays)), 3.6))
+    panels = figure.subplots(1, 1 + len(arrays), squeeze=False)[0]
+    panels[0].imshow(picture, extent=extent)
+    panels[0].set_title("image", fontsize=9)
+    for axes, (name, array) in zip(panels[1:], arrays.items(), strict=True):
+        axes.imshow(picture, extent=extent)
+        axes.imshow(array, cmap="jet", alpha=HEATMAP_ALPHA, extent=extent, vmin=0.0, vmax=1.0)
+        axes.set_title(name, fontsize=9)
+    for axes in panels:
+        axes.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, Path(path))
+
+
+def write_relevance_report(
+    scores: LayerScores,
+    out_dir: str | Path,
+    plan: BitPlan | None = None,
+    heatmaps: Iterable[tuple[ImageLike, MapLike, str]] = (),
+) -> Path:
+    """Write scores.json, scores.csv, importance.png and heatmap_<k>.png into a new ``out_dir``.
+
+    ``heatmaps`` holds (unnormalised image tensor or PIL image, (H, W) map in [0, 1], title).
+    An existing non-empty ``out_dir`` is refused rather than overwritten.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RelevanceError(f"{out} already exists and is not an empty directory; choose a new report directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        scores.save(staging / "scores.json")
+        scores.save_csv(staging / "scores.csv")
+        plot_importance(scores, staging / "importance.png", plan)
+        for index, (image, heat, title) in enumerate(heatmaps):
+            save_heatmap(image, {"relevance": heat}, staging / f"heatmap_{index}.png", title)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,127 @@
+"""Reproduce the README accuracy table on the shared reference models.
+
+For each reference model: float top-1, the naive floor (per-tensor min-max everywhere, no
+reparameterization), fixed W8A8 / W6A6 / W4A4 with and without CRL, and mixed precision at the same
+average bits. Calibration uses the fixed 32-image lists in ``calib/``; evaluation uses the whole
+``dev`` folder unless ``--limit`` is given. Writes ``results/results.json`` and ``results/results.md``.
+
+    python scripts/results_table.py                  # both models, full dev sets
+    python scripts/results_table.py --limit 200      # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lrpq import QuantConfig, quantize
+from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
+from lrpq.evaluate import evaluate
+from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, relevance_bit_plan
+from lrpq.models import build_model, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@dataclass(frozen=True)
+class Reference:
+    label: str
+    card: Path
+    data: Path
+    calib_list: Path
+
+
+REFERENCES = {
+    "ref-A": Reference(
+        "ref-A ViT CIFAR-10",
+        SHARED / "models/vit_cifar10.json",
+        SHARED / "data/cifar10",
+        REPO / "calib/cifar10_seed0_n32.txt",
+    ),
+    "ref-B": Reference(
+        "ref-B ViT-S/14 Imagenette",
+        SHARED / "models/vits14_imagenette.json",
+        SHARED / "data/imagenette",
+        REPO / "calib/imagenette_seed0_n32.txt",
+    ),
+}
+
+# (row label, config or None for float, mixed precision?)
+ROWS: list[tuple[str, QuantConfig | None, bool]] = [
+    ("float", None, False),
+    ("naive W8A8 (per-tensor min-max)", QuantConfig.naive(8, 8), False),
+    ("naive W6A6 (per-tensor min-max)", QuantConfig.naive(6, 6), False),
+    ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), False),
+    ("W8A8", QuantConfig(8, 8), False),
+    ("W6A6 no CRL", QuantConfig(6, 6, crl=False), False),
+    ("W6A6 CRL", QuantConfig(6, 6), False),
+    ("W6A6 CRL mixed", QuantConfig(6, 6), True),
+    ("W4A4 no CRL", QuantConfig(4, 4, crl=False), False),
+    ("W4A4 CRL", QuantConfig(4, 4), False),
+    ("W4A4 CRL mixed", QuantConfig(4, 4), True),
+]
+
+
+def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int) -> list[dict]:
+    spec = resolve_model(str(ref.card))
+    calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
+    relevance_set = load_calibration_images(
+        draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
+    )
+    rows = []
+    for label, config, mixed in ROWS:
+        torch.manual_seed(seed)
+        model = build_model(spec)
+        started = time.perf_counter()
+        plan_mean = None
+        if config is not None:
+            if mixed:
+                plan, _ = relevance_bit_plan(model, relevance_set, wbits=config.wbits, abits=config.abits)
+                config = config.with_plan(plan)
+                plan_mean = {"wbits": plan.mean_bits("wbits"), "abits": plan.mean_bits("abits")}
+            quantize(model, config, calib, progress=False)
+        seconds = time.perf_counter() - started
+        loader = make_loader(ref.data / "dev", spec.data_config, spec.classes, model.num_classes, 100, limit)
+        result = evaluate(model, loader)
+        rows.append({"row": label, **result.to_json_dict(), "quantize_seconds": round(seconds, 1), "plan": plan_mean})
+        print(f"{ref.label:<28} {label:<34} top-1 {result.top1:6.2f}%", flush=True)
+    return rows
+
+
+def markdown(results: dict[str, list[dict]]) -> str:
+    names = list(results)
+    header = "| configuration | " + " | ".join(REFERENCES[name].label for name in names) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    for index, (label, _, _) in enumerate(ROWS):
+        cells = [f"{results[name][index]['top1']:.2f}" for name in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{REFERENCES[name].label}: {results[name][0]['n']} images" for name in names)
+    return "\n".join(lines) + f"\n\nTop-1 (%) on the dev folders ({counts}).\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
+    parser.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of each dev folder")
+    parser.add_argument("--relevance-images", type=int, default=DEFAULT_RELEVANCE_IMAGES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "results")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        parser.error(f"the shared reference models and data are expected at {SHARED}")
+    results = {name: run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed) for name in args.models}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

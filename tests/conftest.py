@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny timm models of every supported family and the path of the shared reference folder.
+
+Models are built fresh for every call (``prepare``/``quantize`` rewrite them in place) and seeded, so two
+calls with the same seed give the same weights. The models are tiny, so intra-op threads only add contention
+on a loaded machine (measured: a tiny ViT forward takes ~0.4 s with 2 threads under load, ~10 ms with 1).
+
+The single end-to-end ``python -m lrpq`` subprocess of ``test_cli.py`` spends ~10 s of CPU importing torch and
+timm; it is started as soon as collection ends so that start-up overlaps the in-process tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Tiny configurations: (timm name, kwargs, input shape (C, H, W)).
+TINY_VIT = (
+    "vit_tiny_patch16_224",
+    {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 5},
+    (3, 32, 32),
+)
+TINY_DEIT_DISTILLED = (
+    "deit_tiny_distilled_patch16_224",
+    {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 5},
+    (3, 32, 32),
+)
+TINY_DINOV2 = (
+    "vit_small_patch14_dinov2",
+    {"img_size": 28, "patch_size": 14, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 5},
+    (3, 28, 28),
+)
+TINY_SWIN = (
+    "swin_tiny_patch4_window7_224",
+    {"img_size": 56, "embed_dim": 24, "depths": (2, 2), "num_heads": (2, 2), "window_size": 7, "num_classes": 5},
+    (3, 56, 56),
+)
+FAMILIES: dict[str, tuple[str, dict, tuple[int, int, int]]] = {
+    "vit": TINY_VIT,
+    "deit_distilled": TINY_DEIT_DISTILLED,
+    "dinov2": TINY_DINOV2,
+    "swin": TINY_SWIN,
+}
+
+ModelFactory = Callable[..., nn.Module]
+
+
+def build_tiny(family: str, seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny model of ``family`` in eval mode (random weights, seeded)."""
+    timm_name, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+
+
+def tiny_input(family: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """Standard-normal images of the family's input size (what a normalised image roughly looks like)."""
+    return torch.randn(batch, *FAMILIES[family][2], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The shared reference folder, or a skip when this machine does not have it."""
+    if not SHARED.is_dir():
+        pytest.skip(f"reference models/data not found at {SHARED}")
+    return SHARED
+
+
+# ---------------------------------------------------------------------------------- python -m lrpq, started early
+
+PYTHON_M_LRPQ_TEST = "test_python_m_lrpq_exits_2_without_traceback"
+MISSING_CARD = "missing_card.json"
+_PYTHON_M_LRPQ = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Launch ``python -m lrpq quantize <missing card>`` in an empty folder if the test that checks it will run."""
+    if session.config.option.collectonly or not any(item.name == PYTHON_M_LRPQ_TEST for item in session.items):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="lrpq-cli-"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lrpq", "quantize", str(folder / MISSING_CARD), "--wbits", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=folder,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    session.config.stash[_PYTHON_M_LRPQ] = (process, folder)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    started = session.config.stash.get(_PYTHON_M_LRPQ, None)
+    if started is not None:
+        process, folder = started
+        if process.poll() is None:  # the test was deselected or the session stopped early
+            process.kill()
+            process.communicate()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def python_m_lrpq(request: pytest.FixtureRequest) -> Iterator[tuple[int, str, str, Path]]:
+    """(exit status, stdout, stderr, working folder) of the early ``python -m lrpq`` run."""
+    started = request.config.stash.get(_PYTHON_M_LRPQ, None)
+    if started is None:
+        pytest.skip("the python -m lrpq subprocess was not started (collect-only session)")
+    process, folder = started
+    stdout, stderr = process.communicate(timeout=300)
+    yield process.returncode, stdout, stderr, folder

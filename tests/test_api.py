@@ -1,0 +1,216 @@
+"""``quantize()`` end to end on tiny timm models: accuracy floors, naive baseline, bit plans, errors, determinism.
+
+SNR floor at W8A8: an 8-bit uniform grid over a range clipped at ~4σ gives a per-tensor SQNR of about
+6.02·8 + 1.76 − 20·log10(4/√3) ≈ 42 dB; a tiny model chains ~10 quantized layers (inputs, weights and
+both attention operands), whose independent noises add up to roughly −10 dB, so the logits should sit
+near 30 dB. 20 dB (error power 1 % of signal power) leaves a wide margin for unlucky random weights while
+still failing for any real bug (a wrong grid, an unfolded factor or a missing dequantization gives < 10 dB).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_input
+from torch import nn
+
+from lrpq.api import activation_quantizers, quant_layers, quantize, quantizers
+from lrpq.config import BitPlan, LayerBits, QuantConfig
+from lrpq.errors import LrpqError
+from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul
+from lrpq.observers import CalibrationError
+from lrpq.quantizers import Log2Quantizer, QuantMode, UniformQuantizer
+
+W8A8_SNR_FLOOR_DB = 20.0
+
+
+def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB, as torchao's ``compute_error``."""
+    return 20 * math.log10((reference.norm() / (reference - approximation).norm()).item())
+
+
+def quantized_snr(family: str, config: QuantConfig) -> float:
+    float_model = build_tiny(family)
+    model = quantize(copy.deepcopy(float_model), config, tiny_input(family, batch=8, seed=1), progress=False)
+    x = tiny_input(family, batch=8, seed=2)  # held-out inputs
+    with torch.no_grad():
+        return snr_db(float_model(x), model(x))
+
+
+def test_snr_db_by_hand() -> None:
+    assert snr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5])) == pytest.approx(20.0)  # 5 / 0.5 = 10
+    assert snr_db(torch.tensor([1.0]), torch.tensor([0.0])) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_w8a8_is_close_to_float_and_w4a4_is_worse(family: str) -> None:
+    snr8 = quantized_snr(family, QuantConfig(wbits=8, abits=8))
+    snr4 = quantized_snr(family, QuantConfig(wbits=4, abits=4))
+    assert snr8 > W8A8_SNR_FLOOR_DB
+    assert snr4 < snr8 - 6.0  # four fewer bits cost far more than one bit's 6 dB
+    assert math.isfinite(snr4)
+
+
+def test_every_quantizer_is_quant_and_the_softmax_uses_log2_after_quantize() -> None:
+    model = quantize(build_tiny("vit"), QuantConfig(wbits=6, abits=6), tiny_input("vit", 4), progress=False)
+    assert all(q.mode is QuantMode.QUANT and q.observer is None for q in quantizers(model).values())
+    for i in range(2):
+        attn = model.blocks[i].attn
+        assert isinstance(attn.matmul2.a_quantizer, Log2Quantizer)
+        assert isinstance(attn.matmul1.a_quantizer, UniformQuantizer)
+        assert attn.matmul2.a_quantizer.scale.item() <= 1.0  # softmax outputs never exceed 1
+    # Per-output-channel weight grids by default.
+    assert model.blocks[0].attn.qkv.weight_quantizer.scale.shape == (3 * 48, 1)
+    assert model.patch_embed.proj.weight_quantizer.scale.shape == (48, 1, 1, 1)
+
+
+def test_naive_config_is_per_tensor_with_a_uniform_softmax() -> None:
+    config = QuantConfig.naive(8, 8)
+    assert (config.crl, config.percentiles, config.per_channel_weights, config.log_softmax) == (
+        False,
+        (1.0,),
+        False,
+        False,
+    )
+    float_model = build_tiny("vit")
+    model = quantize(copy.deepcopy(float_model), config, tiny_input("vit", 4), progress=False)
+    for name, layer in quant_layers(model).items():
+        if isinstance(layer, QuantMatMul):
+            assert type(layer.a_quantizer) is UniformQuantizer, name
+        else:
+            assert layer.weight_quantizer.scale.shape == (), name
+            assert layer.weight_quantizer.channel_dim is None, name
+    # No reparameterization: the LayerNorm affine is untouched.
+    assert torch.equal(model.blocks[0].norm1.weight, float_model.blocks[0].norm1.weight)
+    # Per-tensor min-max weights: the scale is the whole weight's range over 255 levels.
+    weight = float_model.blocks[1].mlp.fc2.weight
+    expected = (weight.max().clamp(min=0) - weight.min().clamp(max=0)) / 255
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight_quantizer.scale, expected)
+
+
+def test_bit_plan_overrides_apply_to_the_named_layers() -> None:
+    plan = BitPlan(
+        {
+            "patch_embed.proj": LayerBits(wbits=8, abits=8),
+            "blocks.0.attn.qkv": LayerBits(wbits=2, abits=6),
+            "blocks.1.attn.matmul2": LayerBits(wbits=4, abits=3),
+            "head": LayerBits(wbits=5, abits=7),
+        }
+    )
+    config = QuantConfig(wbits=4, abits=4, bit_plan=plan)
+    model = quantize(build_tiny("vit"), config, tiny_input("vit", 4), progress=False)
+    bits = {}
+    for name, layer in quant_layers(model).items():
+        if isinstance(layer, QuantMatMul):
+            bits[name] = (layer.a_quantizer.bits, layer.b_quantizer.bits)
+        else:
+            bits[name] = (layer.weight_quantizer.bits, layer.input_quantizer.bits)
+    expected = {name: (4, 4) for name in bits}
+    expected.update({"patch_embed.proj": (8, 8), "blocks.0.attn.qkv": (2, 6), "blocks.1.attn.matmul2": (3, 3)})
+    expected["head"] = (5, 7)
+    assert bits == expected
+    # The 2-bit weight really has 4 levels per output channel.
+    qkv = model.blocks[0].attn.qkv
+    assert all(row.unique().numel() <= 4 for row in qkv.weight_quantizer(qkv.weight))
+
+
+@pytest.mark.parametrize("missing", ["blocks.7.attn.qkv", "blocks.0.attn", "blocks.0.norm1"])
+def test_bit_plan_naming_a_missing_layer_is_an_error(missing: str) -> None:
+    config = QuantConfig(bit_plan=BitPlan({missing: LayerBits(4, 4)}))
+    with pytest.raises(LrpqError, match=missing.replace(".", r"\.")):
+        quantize(build_tiny("vit"), config, tiny_input("vit", 2), progress=False)
+
+
+def test_same_inputs_give_identical_quantized_models() -> None:
+    float_model = build_tiny("swin")
+    calib, x = tiny_input("swin", 4, seed=1), tiny_input("swin", 2, seed=2)
+    first = quantize(copy.deepcopy(float_model), QuantConfig(), calib, batch_size=2, progress=False)
+    second = quantize(build_tiny("swin"), QuantConfig(), calib.clone(), batch_size=2, progress=False)
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    first_state, second_state = first.state_dict(), second.state_dict()
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[key], second_state[key]) for key in first_state)
+
+
+@pytest.mark.parametrize(
+    ("config", "point"),
+    [(QuantConfig(), "blocks.0.attn.qkv.input"), (QuantConfig.naive(8, 8), "patch_embed.proj.input")],
+    ids=["crl_first_pass", "naive"],
+)
+def test_nan_calibration_input_raises_and_leaves_no_observers(config: QuantConfig, point: str) -> None:
+    calib = tiny_input("vit", 4)
+    calib[3, 0, 5, 5] = math.nan
+    model = build_tiny("vit")
+    # With CRL the first pass only watches LayerNorm sinks (blocks.0.attn.qkv is the first); without
+    # it every point observes, and patch_embed.proj is the first to see the image.
+    with pytest.raises(CalibrationError, match=f"'{point}'"):
+        quantize(model, config, calib, batch_size=2, progress=False)
+    assert all(q.mode is QuantMode.OFF and q.observer is None for q in activation_quantizers(model))
+    assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_empty_list_of_batches_is_an_error(family: str) -> None:
+    with pytest.raises(LrpqError, match="no calibration images"):
+        quantize(build_tiny(family), QuantConfig(), [], progress=False)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_empty_calibration_tensor_is_an_error(family: str) -> None:
+    empty = tiny_input(family, batch=1)[:0]
+    with pytest.raises(LrpqError, match="no calibration images"):
+        quantize(build_tiny(family), QuantConfig(), empty, progress=False)
+
+
+def test_custom_batches_and_runner() -> None:
+    float_model = build_tiny("vit")
+    images = tiny_input("vit", 4)
+    batches = [{"pixels": images[:2]}, {"pixels": images[2:]}]
+    seen: list[int] = []
+
+    def run(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(batch["pixels"].shape[0])
+        return model(batch["pixels"])
+
+    model = quantize(copy.deepcopy(float_model), QuantConfig(wbits=8, abits=8), batches, run=run, progress=False)
+    assert seen == [2, 2, 2, 2]  # two passes (channel statistics, then calibration) over two batches
+    # The same data as one tensor in batches of 2 gives the same model.
+    reference = quantize(
+        copy.deepcopy(float_model), QuantConfig(wbits=8, abits=8), images, batch_size=2, progress=False
+    )
+    x = tiny_input("vit", 2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_layers_are_replaced_in_place() -> None:
+    model = build_tiny("dinov2")
+    returned = quantize(model, QuantConfig(wbits=8, abits=8), tiny_input("dinov2", 2), progress=False)
+    assert returned is model
+    assert isinstance(model.patch_embed.proj, QuantConv2d)
+    assert isinstance(model.blocks[1].mlp.fc2, QuantLinear)
+
+
+@pytest.mark.shared
+def test_reference_model_w4a4_repq_crl_beats_the_naive_floor(shared_dir: Path) -> None:
+    """On real trained weights (ref-A), RepQ + CRL must clearly beat per-tensor min-max at W4A4."""
+    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
+    from lrpq.models import build_model, resolve_model
+
+    spec = resolve_model(str(shared_dir / "models" / "vit_cifar10.json"))
+    float_model = build_model(spec)
+    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/cifar10/calib", 4, 0), spec.data_config)
+    dev = [path for path, _ in list_images(shared_dir / "data/cifar10/dev")][::250]
+    x = load_calibration_images(dev, spec.data_config)
+    with torch.no_grad():
+        reference = float_model(x)
+        snr = {
+            name: snr_db(reference, quantize(copy.deepcopy(float_model), config, calib, progress=False)(x))
+            for name, config in (("crl", QuantConfig(wbits=4, abits=4)), ("naive", QuantConfig.naive(4, 4)))
+        }
+    assert snr["crl"] > snr["naive"] + 3.0, snr  # twice less noise power at least

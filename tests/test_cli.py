@@ -1,0 +1,236 @@
+"""``lrpq`` command line: every bad input is exit status 2 with one error line naming it; one happy path.
+
+Calls ``lrpq.cli.main`` in-process (fast); a single subprocess proves the same end to end for ``python -m lrpq``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import MISSING_CARD
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform
+
+from lrpq.api import set_mode
+from lrpq.cli import main
+from lrpq.quantizers import QuantMode
+from lrpq.runs import load_run
+
+CLASSES = ["cat", "dog"]
+TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 2}
+DATA_CONFIG = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bilinear",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
+
+
+def write_card(folder: Path, name: str, checkpoint: str, kwargs: dict | None = None) -> Path:
+    card = {
+        "timm_name": "vit_tiny_patch16_224",
+        "kwargs": kwargs or TINY_KWARGS,
+        "checkpoint": checkpoint,
+        "data_config": DATA_CONFIG,
+        "classes": CLASSES,
+    }
+    path = folder / name
+    path.write_text(json.dumps(card))
+    return path
+
+
+def random_state(seed: int, **overrides: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_KWARGS, **overrides})
+    return {key: value.contiguous() for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model card with random weights, a wrong checkpoint, and 8 PNG images in 2 class folders."""
+    root = tmp_path_factory.mktemp("cli")
+    save_file(random_state(0), str(root / "tiny.safetensors"))
+    save_file(random_state(0, embed_dim=32), str(root / "wrong.safetensors"))
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for label, class_name in enumerate(CLASSES):
+        (data / class_name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            pixels[..., label] = 255 - 40 * i  # a class-dependent colour cast
+            Image.fromarray(pixels).save(data / class_name / f"{i}.png")
+    (root / "empty").mkdir()
+    return {
+        "root": root,
+        "card": write_card(root, "tiny.json", "tiny.safetensors"),
+        "wrong_card": write_card(root, "wrong.json", "wrong.safetensors"),
+        "data": data,
+    }
+
+
+def run_cli(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of ``lrpq argv``; argparse's SystemExit counts as a status."""
+    try:
+        status = main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_error_line(status: int, err: str, *named: str) -> str:
+    assert status == 2
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    for text in named:
+        assert text in errors[0], (text, errors[0])
+    return errors[0]
+
+
+def quantize_args(workspace: dict[str, Path], *extra: str | Path) -> list[str | Path]:
+    return [
+        "quantize",
+        workspace["card"],
+        "--wbits",
+        "8",
+        "--calib-data",
+        workspace["data"],
+        "--calib-size",
+        "4",
+        *extra,
+    ]
+
+
+def test_unknown_model_suggests_close_names(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_cli(["quantize", "vit_tiny_patch16_22", "--wbits", "8"], capsys)
+    line = assert_one_error_line(status, err, "'vit_tiny_patch16_22'", "did you mean")
+    assert "vit_tiny_patch16_224" in line
+
+
+@pytest.mark.parametrize("bits", ["2", "9", "four"])
+def test_unsupported_bit_widths_are_argparse_errors(bits: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_cli(["quantize", "deit_t", "--wbits", bits], capsys)
+    assert_one_error_line(status, err, "--wbits", f"'{bits}'")
+
+
+def test_missing_data_folder(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    missing = workspace["root"] / "no_such_folder"
+    status, _, err = run_cli(["quantize", workspace["card"], "--wbits", "8", "--calib-data", missing], capsys)
+    assert_one_error_line(status, err, str(missing), "does not exist")
+
+
+def test_empty_data_folder(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    empty = workspace["root"] / "empty"
+    status, _, err = run_cli(["quantize", workspace["card"], "--wbits", "8", "--calib-data", empty], capsys)
+    assert_one_error_line(status, err, str(empty), "no images")
+
+
+def test_fewer_images_than_calib_size(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["quantize", workspace["card"], "--wbits", "8", "--calib-data", workspace["data"], "--calib-size", "9"]
+    status, _, err = run_cli(argv, capsys)
+    assert_one_error_line(status, err, "9", str(workspace["data"]), "has 8")
+
+
+def test_checkpoint_that_does_not_fit(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["quantize", workspace["wrong_card"], "--wbits", "8", "--calib-data", workspace["data"], "--calib-size", "4"]
+    status, _, err = run_cli(argv, capsys)
+    assert_one_error_line(status, err, "wrong.safetensors", "does not fit")
+
+
+def test_bit_plan_naming_missing_layers(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    plan = workspace["root"] / "bad_bits.json"
+    plan.write_text(json.dumps({"layers": {"blocks.9.attn.qkv": {"wbits": 4, "abits": 4}}}))
+    out = workspace["root"] / "never_written"
+    status, _, err = run_cli(quantize_args(workspace, "--bit-plan", plan, "--out", out), capsys)
+    assert_one_error_line(status, err, "blocks.9.attn.qkv")
+    assert not out.exists()
+
+
+def test_existing_out_folder(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = workspace["root"] / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep")
+    status, _, err = run_cli(quantize_args(workspace, "--out", out), capsys)
+    assert_one_error_line(status, err, str(out), "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def reference_top1(run: Path, data: Path) -> float:
+    """Top-1 of the run's quantized model, with timm's own transform and a plain loop (no lrpq.data)."""
+    model, _, _ = load_run(run)
+    set_mode(model, QuantMode.QUANT)  # the quantized function, whatever mode load_run leaves
+    transform = create_transform(**DATA_CONFIG, is_training=False)
+    correct = total = 0
+    for label, class_name in enumerate(CLASSES):
+        for path in sorted((data / class_name).iterdir()):
+            with Image.open(path) as image:
+                x = transform(image.convert("RGB")).unsqueeze(0)
+            with torch.no_grad():
+                correct += int(model(x).argmax(1).item() == label)
+            total += 1
+    assert total == 8
+    return 100.0 * correct / total
+
+
+@pytest.fixture(scope="module")
+def happy_path(workspace: dict[str, Path]) -> dict[str, object]:
+    """``lrpq quantize CARD ... --out RUN`` then ``lrpq eval RUN --data DIR --json F``, run once per module."""
+    run, result = workspace["root"] / "run", workspace["root"] / "result.json"
+    outputs: dict[str, object] = {"run": run, "result": result}
+    argvs = {
+        "quantize": quantize_args(workspace, "--out", run),
+        "eval": ["eval", run, "--data", workspace["data"], "--json", result],
+    }
+    for command, argv in argvs.items():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main([str(arg) for arg in argv])
+        outputs[command] = (status, out.getvalue(), err.getvalue())
+    return outputs
+
+
+def test_quantize_then_eval_happy_path(happy_path: dict[str, object]) -> None:
+    run, result = happy_path["run"], happy_path["result"]
+    status, out, err = happy_path["quantize"]
+    assert status == 0, err
+    assert str(run) in out and "W8A8" in out
+    assert (run / "model.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["calibration_images"] == 4
+
+    status, out, err = happy_path["eval"]
+    assert status == 0, err
+    payload = json.loads(result.read_text())
+    assert payload["n"] == 8
+    assert payload["top1"] in {100.0 * k / 8 for k in range(9)}
+    assert payload["top5"] is None  # 2 classes: top-5 would always be 100 %
+    assert payload["skipped"] == 0
+    assert f"top-1 {payload['top1']:.2f}%" in out
+
+
+def test_eval_of_a_run_reports_the_quantized_accuracy(
+    happy_path: dict[str, object], workspace: dict[str, Path]
+) -> None:
+    payload = json.loads(happy_path["result"].read_text())
+    assert payload["top1"] == pytest.approx(reference_top1(happy_path["run"], workspace["data"]))
+
+
+def test_python_m_lrpq_exits_2_without_traceback(python_m_lrpq: tuple[int, str, str, Path]) -> None:
+    """``python -m lrpq quantize <missing card> --wbits 8``, launched by conftest right after collection."""
+    status, _, stderr, folder = python_m_lrpq
+    assert status == 2
+    assert "Traceback" not in stderr
+    assert stderr.strip().count("\n") == 0  # exactly one line
+    assert str(folder / MISSING_CARD) in stderr and "does not exist" in stderr
+    assert stderr.startswith("lrpq quantize: error: ")
+    assert list(folder.iterdir()) == []  # nothing written (no default runs/ folder)
