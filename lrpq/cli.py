@@ -15,12 +15,19 @@ import torch
 from lrpq.allocate import ALLOCATORS, weighted_mean_bits
 from lrpq.api import quant_layers, quantize
 from lrpq.config import BitPlan, QuantConfig
-from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
+from lrpq.data import (
+    draw_calibration_set,
+    load_calibration_images,
+    make_loader,
+    read_calibration_list,
+    unnormalize,
+)
 from lrpq.errors import LrpqError
 from lrpq.evaluate import EvalResult, evaluate
 from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores
 from lrpq.models import ModelSpec, build_model, resolve_model
-from lrpq.relevance import LayerScores, compute_layer_scores
+from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
+from lrpq.relevance_export import write_relevance_report
 from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
@@ -166,6 +173,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heat_map(model: torch.nn.Module, image: torch.Tensor, method: str) -> torch.Tensor:
+    """``auto``: attention rollout where the model has a class token (clearer on ViTs), else pixel LRP."""
+    if method != "auto":
+        return relevance_map(model, image, method=method)
+    try:
+        return relevance_map(model, image, method="attribution")
+    except RelevanceError:
+        return relevance_map(model, image, method="lrp")
+
+
+def cmd_relevance(args: argparse.Namespace) -> int:
+    spec = resolve_model(args.model, args.checkpoint)
+    model = build_model(spec)
+    paths = draw_calibration_set(args.data, args.num_images, args.seed)
+    images = load_calibration_images(paths, spec.data_config)
+    scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
+    plan = plan_from_scores(model, scores, wbits=args.wbits, abits=args.abits or args.wbits, allocator=args.allocator)
+    heatmaps = [
+        (
+            unnormalize(image, spec.data_config),
+            _heat_map(model, image, args.map_method),
+            f"{path.parent.name}/{path.name}",
+        )
+        for image, path in zip(images[: args.heatmaps], paths[: args.heatmaps], strict=True)
+    ]
+    out = write_relevance_report(scores, args.out, plan, heatmaps)
+    print(f"scored {len(scores.scores)} layers on {scores.num_images} images of {args.data} → {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrpq", description="Mixed-precision PTQ for vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
-    q.add_argument("--clip-k", type=float, default=QuantConfig.clip_k, help="CRL clipping width k (mean ± k·std)")
+    q.add_argument(
+        "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
+    )
     q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
     q.add_argument("--mixed", action="store_true", help="choose per-layer bits from relevance (mean = W/A bits)")
     q.add_argument("--allocator", choices=ALLOCATORS, default="paper", help="paper rule or exact budgeted solver")
@@ -204,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     e.add_argument("--json", help="also write the result to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    r = commands.add_parser("relevance", help="per-layer relevance scores, chosen bits and heat maps")
+    r.add_argument("model", help="alias, timm model name, or model card JSON")
+    r.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
+    r.add_argument("--data", required=True, help="ImageFolder to draw images from (training images, ideally)")
+    r.add_argument("--num-images", type=_positive_int, default=DEFAULT_RELEVANCE_IMAGES)
+    r.add_argument("--stop-tau", type=float, help="stop early once the layer ranking is this stable (Kendall τ)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--wbits", type=_bits, default=4, help="mean weight bits of the plan drawn on the chart")
+    r.add_argument("--abits", type=_bits, help="mean activation bits of the plan (default: --wbits)")
+    r.add_argument("--allocator", choices=ALLOCATORS, default="paper")
+    r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
+    r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
+    r.add_argument("--out", required=True, help="folder to write (must not exist)")
+    r.set_defaults(func=cmd_relevance)
     return parser
 
 

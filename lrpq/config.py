@@ -77,7 +77,10 @@ class QuantConfig:
 
     ``bit_plan`` overrides ``wbits``/``abits`` for the layers it names; every other layer uses the
     defaults. ``crl`` turns on the post-LayerNorm reparameterization and ``clip_k`` is its clipping
-    width (channel scales held within mean ± k·std; ``None`` reparameterizes without clipping).
+    width (channel scales held within mean ± k·std; ``None`` reparameterizes without clipping). The
+    default is ``None`` because on both reference models every k tried (1, 2, 3) cost W4A4 accuracy:
+    4-bit activation error dominates there, and clipping leaves outlier channels wider than the
+    shared grid (numbers in the README).
     ``conv_abits`` is the input width of Conv2d layers — in a ViT only the patch embedding, whose
     input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
     still wins. ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the
@@ -87,7 +90,7 @@ class QuantConfig:
     wbits: int = 4
     abits: int = 4
     crl: bool = True
-    clip_k: float | None = 2.0
+    clip_k: float | None = None
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8
     calibrate_on_quantized: bool = False

@@ -242,3 +242,10 @@ def load_calibration_images(paths: Sequence[str | Path], data_config: Mapping[st
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable calibration image(s) (first: {bad[0]})", stacklevel=2)
     return torch.stack(images)
+
+
+def unnormalize(image: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """A preprocessed (C, H, W) image as the model saw it, back in [0, 1] for display."""
+    mean = image.new_tensor(data_config["mean"]).view(-1, 1, 1)
+    std = image.new_tensor(data_config["std"]).view(-1, 1, 1)
+    return (image * std + mean).clamp(0, 1)

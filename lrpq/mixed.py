@@ -7,6 +7,8 @@ default widths, as in LRP-QViT.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
@@ -39,6 +41,29 @@ def _has_weights(model: nn.Module, name: str) -> bool:
         return False
 
 
+def allocate_from_scores(
+    scores: LayerScores,
+    weight_layers: Collection[str],
+    *,
+    wbits: int,
+    abits: int,
+    allocator: str = "paper",
+    widths: tuple[int, int] = (3, 6),
+) -> BitPlan:
+    """Allocate weight bits over ``weight_layers`` and activation bits over every block layer."""
+    kept = allocatable(scores)
+    return make_bit_plan(
+        kept.relative(),
+        kept.block_of,
+        kept.block_order,
+        wbits=wbits,
+        abits=abits,
+        weight_layers=[name for name in kept.scores if name in set(weight_layers)],
+        allocator=allocator,
+        widths=widths,
+    )
+
+
 def plan_from_scores(
     model: nn.Module,
     scores: LayerScores,
@@ -48,19 +73,9 @@ def plan_from_scores(
     allocator: str = "paper",
     widths: tuple[int, int] = (3, 6),
 ) -> BitPlan:
-    """Allocate weight and activation bits of every block layer from its relative importance."""
-    kept = allocatable(scores)
-    weight_layers = [name for name in kept.scores if _has_weights(model, name)]
-    return make_bit_plan(
-        kept.relative(),
-        kept.block_of,
-        kept.block_order,
-        wbits=wbits,
-        abits=abits,
-        weight_layers=weight_layers,
-        allocator=allocator,
-        widths=widths,
-    )
+    """Allocate the bits of every block layer of ``model`` from its relative importance."""
+    weight_layers = [name for name in scores.scores if _has_weights(model, name)]
+    return allocate_from_scores(scores, weight_layers, wbits=wbits, abits=abits, allocator=allocator, widths=widths)
 
 
 def relevance_bit_plan(

@@ -42,11 +42,12 @@ def _identity(t: torch.Tensor) -> tuple[int, int, int]:
 class _WeightCache:
     """The fake-quantized weight of a layer, recomputed only when the weight or its quantizer changes.
 
-    A frozen weight gives the same fake-quantized tensor on every forward, so inference and the
-    calibration passes quantize each weight once instead of once per batch. The cache is a plain
-    attribute (never in the state dict) and serves only forwards without autograd: with gradients
-    enabled the weight is quantized afresh, so nothing is cached across a graph. Inference tensors
-    carry no version counter, so they are never cached either.
+    A frozen weight gives the same fake-quantized tensor on every forward, so inference quantizes
+    each weight once instead of once per batch (at batch 1 that is most of the work). The cache is a
+    plain attribute, never in the state dict, and serves only ``torch.inference_mode``: evaluation
+    runs there, the cached tensor can never reach an autograd graph, and calibration (``no_grad``)
+    does not hold a second copy of every weight at its memory peak. Weights that are themselves
+    inference tensors carry no version counter, so they are never cached.
     """
 
     def __init__(self) -> None:
@@ -55,7 +56,7 @@ class _WeightCache:
         self._value: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
-        if quantizer.mode is not QuantMode.QUANT or torch.is_grad_enabled():
+        if quantizer.mode is not QuantMode.QUANT or not torch.is_inference_mode_enabled():
             return quantizer(weight)
         sources = (weight, quantizer.scale, quantizer.zero_point)
         if any(t.is_inference() for t in sources):

@@ -84,8 +84,11 @@ class UniformObserver(_CandidateObserver):
         if self.channel_dim is not None:
             scale = _broadcast_channels(scale, x.dim(), self.channel_dim)
             zero_point = _broadcast_channels(zero_point, x.dim(), self.channel_dim)
+        buffer = torch.empty_like(x)  # one scratch tensor for every candidate: no allocation per grid
         candidates = zip(scale, zero_point, strict=True)
-        return torch.stack([self._squared_error(x, fake_quant_uniform(x, s, z, self.bits)) for s, z in candidates])
+        return torch.stack(
+            [self._squared_error(x, fake_quant_uniform(x, s, z, self.bits, out=buffer)) for s, z in candidates]
+        )
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the chosen range."""

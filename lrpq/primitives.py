@@ -34,15 +34,18 @@ def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return torch.clamp(torch.round(x / scale) + zero_point, 0, 2**bits - 1)
 
 
-def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize then dequantize: the value an integer kernel would reproduce.
 
     Evaluated as ``clamp(round(x / scale), -zero_point, 2^b - 1 - zero_point) · scale`` in place on one
     buffer. The zero point is an integer, so moving it into the clamp bounds is exact and the values
     equal ``(quantize_uniform(...) - zero_point) · scale``; it is one allocation and four passes instead
-    of six of each, which is most of the cost of fake-quant inference on large activations.
+    of six of each, which is most of the cost of fake-quant inference on large activations. ``out``
+    (shaped like the result) lets a caller that evaluates many grids reuse one buffer.
     """
-    return torch.div(x, scale).round_().clamp_(-zero_point, 2**bits - 1 - zero_point).mul_(scale)
+    return torch.div(x, scale, out=out).round_().clamp_(-zero_point, 2**bits - 1 - zero_point).mul_(scale)
 
 
 def _log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

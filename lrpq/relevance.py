@@ -247,14 +247,15 @@ class _Propagation:
         """
         tensors = [point.activation for point in self.points] + [probs for _, probs, _ in self.attention]
         grads = torch.autograd.grad(target_logit, tensors)
+        point_grads, attention_grads = grads[: len(self.points)], grads[len(self.points) :]
         contributions = {}
-        for point, grad in zip(reversed(self.points), reversed(grads[: len(self.points)]), strict=True):
+        for point, grad in zip(reversed(self.points), reversed(point_grads), strict=True):
             grad = point.to_grad(grad) if point.to_grad is not None else grad
             contribution = (grad * point.relevance.clamp(min=0)).clamp(min=0)
             contributions[point.name] = contribution.reshape(batch, -1).mean(1).detach()
         attention = {
             name: (grad * r).clamp(min=0).mean(1).detach()
-            for (name, _, r), grad in zip(reversed(self.attention), reversed(grads[len(self.points) :]), strict=True)
+            for (name, _, r), grad in zip(reversed(self.attention), reversed(attention_grads), strict=True)
         }
         return contributions, attention
 
@@ -365,32 +366,35 @@ def _window_attention_rule(attn: WindowAttention, r: Tensor, ctx: _Propagation) 
     return _attention_core(attn, r, ctx.input(attn.proj), operands, ctx)
 
 
-def _residual(norm: nn.Module, drop_path: nn.Module, r: Tensor, ctx: _Propagation, branch: Callable) -> Tensor:
-    """x + f(norm(x)) (f ending in ``drop_path``): split r at the add, sum at the clone of x."""
-    skip = ctx.input(norm)
-    r_skip, r_branch = add_relevance(skip, ctx.output(drop_path), r.reshape(skip.shape))
+def _residual(skip: Tensor, branch_out: Tensor, r: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+    """x + f(x): split r at the add, push the branch share through f, sum at the clone of x."""
+    r_skip, r_branch = add_relevance(skip, branch_out, r.reshape(skip.shape))
     return clone_relevance(r_skip, branch(r_branch))
 
 
 def _vit_block_rule(blk: Block, r: Tensor, ctx: _Propagation) -> Tensor:
-    r = _residual(
-        blk.norm2, blk.drop_path2, r, ctx, lambda r: ctx.chain(r, blk.drop_path2, blk.ls2, blk.mlp, blk.norm2)
-    )
-    return _residual(
-        blk.norm1, blk.drop_path1, r, ctx, lambda r: ctx.chain(r, blk.drop_path1, blk.ls1, blk.attn, blk.norm1)
-    )
+    def mlp_branch(r: Tensor) -> Tensor:
+        return ctx.chain(r, blk.drop_path2, blk.ls2, blk.mlp, blk.norm2)
 
+    def attention_branch(r: Tensor) -> Tensor:
+        return ctx.chain(r, blk.drop_path1, blk.ls1, blk.attn, blk.norm1)
 
-def _swin_attention_branch(blk: SwinTransformerBlock, r: Tensor, ctx: _Propagation) -> Tensor:
-    """Undo the window reverse/roll to reach the attention output, and the roll/partition after it."""
-    r = _move(ctx.output(blk.attn), ctx.input(blk.drop_path1), ctx.propagate(blk.drop_path1, r))
-    r = _move(ctx.output(blk.norm1), ctx.input(blk.attn), ctx.propagate(blk.attn, r))
-    return ctx.propagate(blk.norm1, r)
+    r = _residual(ctx.input(blk.norm2), ctx.output(blk.drop_path2), r, mlp_branch)
+    return _residual(ctx.input(blk.norm1), ctx.output(blk.drop_path1), r, attention_branch)
 
 
 def _swin_block_rule(blk: SwinTransformerBlock, r: Tensor, ctx: _Propagation) -> Tensor:
-    r = _residual(blk.norm2, blk.drop_path2, r, ctx, lambda r: ctx.chain(r, blk.drop_path2, blk.mlp, blk.norm2))
-    return _residual(blk.norm1, blk.drop_path1, r, ctx, lambda r: _swin_attention_branch(blk, r, ctx))
+    def mlp_branch(r: Tensor) -> Tensor:
+        return ctx.chain(r, blk.drop_path2, blk.mlp, blk.norm2)
+
+    def attention_branch(r: Tensor) -> Tensor:
+        """Undo the window reverse/roll to reach the attention output, then the roll/partition before it."""
+        r = _move(ctx.output(blk.attn), ctx.input(blk.drop_path1), ctx.propagate(blk.drop_path1, r))
+        r = _move(ctx.output(blk.norm1), ctx.input(blk.attn), ctx.propagate(blk.attn, r))
+        return ctx.propagate(blk.norm1, r)
+
+    r = _residual(ctx.input(blk.norm2), ctx.output(blk.drop_path2), r, mlp_branch)
+    return _residual(ctx.input(blk.norm1), ctx.output(blk.drop_path1), r, attention_branch)
 
 
 def _swin_stage_rule(stage: SwinTransformerStage, r: Tensor, ctx: _Propagation) -> Tensor:
@@ -409,15 +413,15 @@ def _patch_embed_rule(embed: PatchEmbed, r: Tensor, ctx: _Propagation) -> Tensor
 
 def _vit_pool_inverse(model: VisionTransformer, r: Tensor, ctx: _Propagation) -> Tensor:
     """Relevance on the final tokens from relevance on the pooled feature ('token' or 'avg')."""
+    if model.attn_pool is not None or model.global_pool not in ("token", "avg"):
+        raise RelevanceError(f"ViT pooling {model.global_pool!r} is not supported; use 'token' or 'avg'")
     tokens = ctx.output(model.norm)
     r_tokens = torch.zeros_like(tokens)
-    start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-    if model.attn_pool is None and model.global_pool == "token":
+    if model.global_pool == "token":
         r_tokens[:, 0] = r
-    elif model.attn_pool is None and model.global_pool == "avg":
-        r_tokens[:, start:] = _mean_pool_relevance(tokens[:, start:], r, 1)
     else:
-        raise RelevanceError(f"ViT pooling {model.global_pool!r} is not supported; use 'token' or 'avg'")
+        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        r_tokens[:, start:] = _mean_pool_relevance(tokens[:, start:], r, 1)
     return r_tokens
 
 
@@ -568,9 +572,8 @@ def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None
 def _attribution(model: nn.Module, explanation: Explanation, size: tuple[int, int]) -> Tensor:
     """Chefer et al.'s map: class-token row of the rollout ∏(I + Ā) over patch tokens, upsampled."""
     if not isinstance(model, VisionTransformer) or model.global_pool != "token":
-        raise RelevanceError(
-            f"method='attribution' needs a class-token ViT or DeiT, not {type(model).__name__}; use method='lrp'"
-        )
+        kind = type(model).__name__
+        raise RelevanceError(f"method='attribution' needs a class-token ViT or DeiT, not {kind}; use 'lrp'")
     cams = list(explanation.attention.values())
     rollout = torch.eye(cams[0].shape[-1]).expand_as(cams[0])
     for cam in cams:

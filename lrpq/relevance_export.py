@@ -72,7 +72,8 @@ def _image_array(image: ImageLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim != 3 or array.shape[0] not in (1, 3):
-        raise RelevanceError(f"heat-map image must be a PIL image or a (C, H, W) array, got shape {array.shape}")
+        shape = tuple(array.shape)
+        raise RelevanceError(f"heat-map image must be a PIL image or a (C, H, W) array, got shape {shape}")
     return np.clip(np.repeat(array, 3 // array.shape[0], 0).transpose(1, 2, 0), 0.0, 1.0)
 
 
@@ -117,7 +118,7 @@ def write_relevance_report(
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RelevanceError(f"{out} already exists and is not an empty directory; choose a new report directory")
+        raise RelevanceError(f"{out} already exists and is not empty; choose a new report directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

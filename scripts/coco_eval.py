@@ -21,6 +21,7 @@ from lrpq_eval.coco.metric import CocoError, check_images, write_json
 
 from lrpq.config import BitPlan, QuantConfig
 from lrpq.errors import LrpqError
+from lrpq.relevance import LayerScores
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -67,7 +68,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
     if not args.mixed:
         return config
     if args.scores:
-        plan = adapter.plan_from_scores(adapter.load_scores(args.scores), args.wbits, args.abits)
+        plan = adapter.plan_from_scores(LayerScores.load(args.scores), args.wbits, args.abits)
     elif not args.bit_plan.is_file():
         raise CocoError(f"bit plan file not found: {args.bit_plan}")
     else:

@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for row in rows:
         print(f"| {row['n']} | {row['tau_scores']:.3f} | {row['tau_relative']:.3f} |")
     if args.out is not None:
-        args.out.write_text(json.dumps({"card": args.card.name, "images": total, "rows": rows}, indent=2) + "\n")
+        table = {"card": args.card.name, "images": total, "rows": rows}
+        args.out.write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,52 @@ def test_python_m_lrpq_exits_2_without_traceback(python_m_lrpq: tuple[int, str, 
     assert str(folder / MISSING_CARD) in stderr and "does not exist" in stderr
     assert stderr.startswith("lrpq quantize: error: ")
     assert list(folder.iterdir()) == []  # nothing written (no default runs/ folder)
+
+
+def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace["root"] / "mixed"
+    args = quantize_args(workspace, "--mixed", "--allocator", "exact", "--relevance-images", "4", "--out", out)
+    args[args.index("--wbits") + 1] = "4"
+    status, _, err = run_cli(args, capsys)
+    assert status == 0, err
+    assert {"scores.json", "scores.csv", "bits.json"} <= {path.name for path in out.iterdir()}
+    bits = json.loads((out / "bits.json").read_text())["layers"]
+    allocated = [bits[name] for name in bits if name.startswith("blocks.")]
+    assert sum(layer["abits"] for layer in allocated) == 4 * len(allocated)
+    assert len({layer["abits"] for layer in allocated}) > 1  # mixed, not uniform
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["allocator"] == "exact" and summary["relevance_images"] == 4
+
+
+def test_paper_rule_on_a_two_block_model_is_an_infeasible_allocation(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = quantize_args(workspace, "--mixed", "--relevance-images", "2", "--out", workspace["root"] / "never")
+    args[args.index("--wbits") + 1] = "4"
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, "raised_blocks")
+    assert not (workspace["root"] / "never").exists()
+
+
+def test_mixed_and_bit_plan_together_are_rejected(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = workspace["root"] / "plan.json"
+    plan.write_text('{"layers": {}}')
+    status, _, err = run_cli(quantize_args(workspace, "--mixed", "--bit-plan", plan), capsys)
+    assert_one_error_line(status, err, "--mixed", "--bit-plan")
+
+
+def test_relevance_command_writes_scores_chart_and_heat_maps(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace["root"] / "relevance"
+    argv = ["relevance", workspace["card"], "--data", workspace["data"], "--num-images", "3", "--heatmaps", "2"]
+    status, _, err = run_cli([*argv, "--allocator", "exact", "--out", out], capsys)
+    assert status == 0, err
+    names = {path.name for path in out.iterdir()}
+    assert names == {"scores.json", "scores.csv", "importance.png", "heatmap_0.png", "heatmap_1.png"}
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["num_images"] == 3

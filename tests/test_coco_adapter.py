@@ -27,6 +27,7 @@ from lrpq.api import prepare, quant_layers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.modules import QuantMatMul
 from lrpq.quantizers import QuantMode
+from lrpq.relevance import LayerScores
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_TINY = REPO.parent / "shared" / "data" / "coco_tiny"
@@ -107,28 +108,21 @@ def test_detector_plan_translates_keeps_and_drops() -> None:
 
 def test_plan_from_scores_keeps_the_budget(tmp_path: Path) -> None:
     names = [name for name in _timm_swin_layer_names() if name.startswith("layers.")]
-    scores = {name: float(index % 7 + 1) for index, name in enumerate(names)}
+    block_of = {name: name.rsplit(".", 2)[0] if ".blocks." in name else name.rsplit(".", 1)[0] for name in names}
+    scores = LayerScores(
+        scores={name: float(index % 7 + 1) for index, name in enumerate(names)},
+        block_of=block_of,
+        block_order=list(dict.fromkeys(block_of.values())),
+        num_images=1,
+    )
     path = tmp_path / "scores.json"
-    path.write_text(json.dumps({"scores": scores}))
-    plan = adapter.plan_from_scores(adapter.load_scores(path), wbits=4, abits=4)
+    scores.save(path)
+    plan = adapter.plan_from_scores(LayerScores.load(path), wbits=4, abits=4)
     assert list(plan.layers) == names
     assert plan.mean_bits("abits") == 4.0 and plan.mean_bits("wbits") == 4.0
     assert {bits.abits for bits in plan.layers.values()} == {3, 4, 5}  # mixed, not uniform
     # The paper rule raises the first two Swin blocks by one bit.
     assert all(plan.layers[n].abits == 5 for n in names if n.startswith(("layers.0.blocks.0.", "layers.0.blocks.1.")))
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [("{", "is not JSON"), ('{"a": "x"}', "must map layer names to numbers"), ("[1]", "must map")],
-)
-def test_load_scores_rejects_bad_files(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "scores.json"
-    path.write_text(text)
-    with pytest.raises(CocoError, match=message):
-        adapter.load_scores(path)
-    with pytest.raises(CocoError, match="scores file not found"):
-        adapter.load_scores(tmp_path / "absent.json")
 
 
 def test_window_msa_factory_reuses_lrpq_window_attention() -> None:

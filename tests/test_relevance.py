@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor, nn
 
 from lrpq.errors import LrpqError
 from lrpq.relevance import (
@@ -183,7 +184,8 @@ def test_layer_scores_cover_every_layer_are_nonnegative_and_deterministic(kind: 
     assert list(scores.scores) == _expected_names(kind)
     assert scores.num_images == 3
     assert all(math.isfinite(v) and v >= 0 for v in scores.scores.values())
-    np.testing.assert_allclose(list(again.scores.values()), list(scores.scores.values()), rtol=1e-5, atol=1e-12)
+    values = list(scores.scores.values())
+    np.testing.assert_allclose(list(again.scores.values()), values, rtol=1e-5, atol=1e-12)
     assert scores.scores == compute_layer_scores(_tiny(kind), images, progress=False).scores
     totals: dict[str, float] = {}
     for name, value in scores.relative().items():
@@ -298,14 +300,15 @@ def _central_share(heat: torch.Tensor) -> float:
 def test_ref_a_lrp_pixel_relevance_concentrates_on_the_centred_cifar_object() -> None:
     """CIFAR-10 objects are centred; a uniform map puts 25 % of its mass in the central box."""
     model, transform, card = _load_card("vit_cifar10.json")
-    files = [sorted((SHARED / "data/cifar10/dev" / c).iterdir())[i] for c in card["classes"] for i in range(3)]
+    folders = [SHARED / "data/cifar10/dev" / name for name in card["classes"]]
+    files = [sorted(folder.iterdir())[i] for folder in folders for i in range(3)]
     batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     heat = explain(model, batch).input_relevance.sum(1).clamp(min=0)
     shares = [_central_share(h) for h in heat]
     assert np.mean(shares) > 0.33
 
 
-def _logit_after_deleting(model: torch.nn.Module, image: torch.Tensor, patches: torch.Tensor, target: int) -> float:
+def _logit_after_deleting(model: nn.Module, image: Tensor, patches: Tensor, target: int) -> float:
     """Target logit with the given 14-px patches of ref-B's 16×16 grid set to the mean colour."""
     keep = torch.ones(16 * 16)
     keep[patches] = 0
@@ -322,7 +325,8 @@ def test_ref_b_attribution_map_is_on_the_object_and_report_is_written(tmp_path: 
     model, transform, card = _load_card("vits14_imagenette.json")
     picks = {"n03445777": 1, "n03028079": 1}  # golf ball, church
     for synset, index in picks.items():
-        image = transform(Image.open(sorted((SHARED / "data/imagenette/dev" / synset).iterdir())[index]).convert("RGB"))
+        file = sorted((SHARED / "data/imagenette/dev" / synset).iterdir())[index]
+        image = transform(Image.open(file).convert("RGB"))
         target = card["classes"].index(synset)
         heat = relevance_map(model, image, target=target, method="attribution")
         assert _central_share(heat) > 0.35
@@ -333,7 +337,8 @@ def test_ref_b_attribution_map_is_on_the_object_and_report_is_written(tmp_path: 
         assert bottom - top > 2.0
     scores = compute_layer_scores(model, image, progress=False)
     assert len(scores.scores) == 1 + 12 * 6 + 1
-    assert all(math.isfinite(v) and v >= 0 for v in scores.scores.values()) and sum(scores.scores.values()) > 0
+    assert all(math.isfinite(v) and v >= 0 for v in scores.scores.values())
+    assert sum(scores.scores.values()) > 0
     mean, std = (torch.tensor(card["data_config"][key])[:, None, None] for key in ("mean", "std"))
     out = write_relevance_report(scores, tmp_path / "report", heatmaps=[(image * std + mean, heat, "church")])
     expected = {"scores.json", "scores.csv", "importance.png", "heatmap_0.png"}

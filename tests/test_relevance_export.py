@@ -16,10 +16,11 @@ from lrpq.relevance_export import plot_importance, save_heatmap, write_relevance
 
 
 def _scores() -> LayerScores:
-    names = ["patch_embed.proj"] + [f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "mlp.fc2")]
-    names.append("head")
+    layers = [f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "mlp.fc2")]
+    names = ["patch_embed.proj", *layers, "head"]
     values = [0.5, 0.3, 0.1, 0.0, 0.0, 0.2]
-    block_of = {name: name.rsplit(".", 2)[0] if name.startswith("blocks") else name.split(".")[0] for name in names}
+    block_of = {name: name.rsplit(".", 2)[0] for name in layers}
+    block_of |= {"patch_embed.proj": "patch_embed", "head": "head"}
     return LayerScores(
         dict(zip(names, values, strict=True)), block_of, ["patch_embed", "blocks.0", "blocks.1", "head"], 7
     )
@@ -37,7 +38,8 @@ def test_report_holds_scores_chart_and_heatmaps(tmp_path: Path) -> None:
     image = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0))
     heat = torch.linspace(0, 1, 40 * 40).reshape(40, 40)
     pil = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype("uint8"))
-    out = write_relevance_report(scores, tmp_path / "run" / "report", plan, [(image, heat, "a"), (pil, heat, "b")])
+    heatmaps = [(image, heat, "a"), (pil, heat, "b")]
+    out = write_relevance_report(scores, tmp_path / "run" / "report", plan, heatmaps)
 
     assert out == tmp_path / "run" / "report"
     files = {"scores.json", "scores.csv", "importance.png", "heatmap_0.png", "heatmap_1.png"}
@@ -59,7 +61,7 @@ def test_report_holds_scores_chart_and_heatmaps(tmp_path: Path) -> None:
 def test_failure_leaves_no_report_and_no_staging_directory(tmp_path: Path) -> None:
     bad_heat = torch.zeros(2, 3, 4)
     with pytest.raises(RelevanceError, match="heat map"):
-        write_relevance_report(_scores(), tmp_path / "report", heatmaps=[(torch.rand(3, 8, 8), bad_heat, "x")])
+        write_relevance_report(_scores(), tmp_path / "report", heatmaps=[(torch.rand(3, 8, 8), bad_heat, "")])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -15,9 +15,8 @@ the end-to-end path has run only where mmcv's compiled ops were available (see d
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,10 @@ from tqdm.auto import tqdm
 
 from lrpq.api import quantize
 from lrpq.config import BitPlan, QuantConfig
+from lrpq.mixed import allocate_from_scores
 from lrpq.modules import QuantWindowAttention, register_attention
 from lrpq.regions import register_regions
+from lrpq.relevance import LayerScores
 
 from .metric import (
     CocoError,
@@ -55,7 +56,6 @@ _TIMM_TO_MMDET: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.mlp\.fc2"), r"stages.\1.blocks.\2.ffn.layers.1"),
 )
 _TIMM_DOWNSAMPLE = re.compile(r"layers\.(\d+)\.downsample\.reduction")
-_TIMM_BLOCK = re.compile(r"(layers\.\d+\.blocks\.\d+)\.")
 
 
 def _mmdet_missing(exc: ImportError) -> CocoError:
@@ -149,37 +149,14 @@ def detector_plan(plan: BitPlan, prefix: str = BACKBONE_PREFIX) -> BitPlan:
     return BitPlan(layers)
 
 
-def plan_from_scores(scores: Mapping[str, float], wbits: int, abits: int) -> BitPlan:
-    """LRP-QViT allocation from per-layer relevance of the timm Swin classifier, in timm names.
+def plan_from_scores(scores: LayerScores, wbits: int, abits: int) -> BitPlan:
+    """LRP-QViT allocation from the layer scores of the timm Swin classifier, in timm names.
 
-    Blocks are Swin blocks (``layers.i.blocks.j``); any other layer is its own block. Block order is
-    the order of the scores file, which lists layers in model order as lrpq writes them.
+    Every scored layer but the attention products (``matmul1``/``matmul2``, lrpq's names for the
+    two weightless points) has weights.
     """
-    from lrpq.allocate import make_bit_plan, relative_importance
-
-    block_of = {}
-    for name in scores:
-        match = _TIMM_BLOCK.match(name)
-        block_of[name] = match.group(1) if match else name.rsplit(".", 1)[0]
-    block_order = list(dict.fromkeys(block_of.values()))
-    weight_layers = [name for name in scores if not name.endswith((".matmul1", ".matmul2"))]
-    relative = relative_importance(scores, block_of)
-    return make_bit_plan(relative, block_of, block_order, wbits=wbits, abits=abits, weight_layers=weight_layers)
-
-
-def load_scores(path: str | Path) -> dict[str, float]:
-    """Relevance scores JSON: ``{"layer name": score, ...}``, optionally under a ``"scores"`` key."""
-    path = Path(path)
-    if not path.is_file():
-        raise CocoError(f"scores file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CocoError(f"scores file {path} is not JSON ({exc.msg})") from None
-    scores = data.get("scores", data) if isinstance(data, dict) else None
-    if not isinstance(scores, dict) or not all(isinstance(v, int | float) for v in scores.values()):
-        raise CocoError(f"scores file {path} must map layer names to numbers")
-    return {name: float(value) for name, value in scores.items()}
+    weight_layers = [name for name in scores.scores if not name.endswith((".matmul1", ".matmul2"))]
+    return allocate_from_scores(scores, weight_layers, wbits=wbits, abits=abits)
 
 
 def build_detector(config_path: str | Path, checkpoint_path: str | Path | None, device: str = "cpu") -> nn.Module:

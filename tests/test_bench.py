@@ -1,0 +1,103 @@
+"""The fast paths the benchmark measures give exactly the reference values; the benchmark table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_input
+
+from lrpq.api import quantize, set_mode
+from lrpq.bench import TARGETS, format_table
+from lrpq.config import QuantConfig
+from lrpq.primitives import (
+    dequantize_log2,
+    dequantize_log_sqrt2,
+    fake_quant_log2,
+    fake_quant_log_sqrt2,
+    fake_quant_uniform,
+    log2_shift_form,
+    quantize_log_sqrt2,
+    quantize_uniform,
+    uniform_qparams,
+)
+from lrpq.quantizers import QuantMode
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_in_place_uniform_fake_quant_equals_the_textbook_formula(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    x = 3.0 * torch.randn(64, 33, generator=generator)
+    for lower, upper in ((x.min(), x.max() * 0.5), (x.amin(1, keepdim=True) * 0.7, x.amax(1, keepdim=True))):
+        scale, zero_point = uniform_qparams(lower, upper, bits)
+        expected = (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+        assert torch.equal(fake_quant_uniform(x, scale, zero_point, bits), expected)
+        buffer = torch.empty_like(x)
+        assert torch.equal(fake_quant_uniform(x, scale, zero_point, bits, out=buffer), expected)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_log_grid_lookup_equals_the_elementwise_formulas(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    attn = (4.0 * torch.randn(3, 2, 29, 29, generator=generator)).softmax(dim=-1)
+    attn[0, 0, 0, :4] = 0.0
+    attn[0, 0, 1, 0] = float("nan")  # NaN stays NaN, as the formula gives
+    for scale in (attn.nan_to_num().max(), torch.tensor(0.23), torch.tensor([[[[0.5]], [[0.9]]]])):
+        codes, underflow = quantize_log_sqrt2(attn, scale, bits)
+        shift, parity = log2_shift_form(codes)
+        log2_reference = dequantize_log2(shift, parity, underflow, scale)
+        log_sqrt2_reference = dequantize_log_sqrt2(codes, underflow, scale)
+        exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+        torch.testing.assert_close(fake_quant_log2(attn, scale, bits), log2_reference, **exact)
+        torch.testing.assert_close(fake_quant_log_sqrt2(attn, scale, bits), log_sqrt2_reference, **exact)
+
+
+def quantized_vit() -> tuple[torch.nn.Module, torch.Tensor]:
+    model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
+    return model, tiny_input("vit", batch=2, seed=3)
+
+
+def uncached(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # the weight cache serves inference mode only
+        return model(x)
+
+
+def test_weight_cache_follows_weights_parameters_and_mode() -> None:
+    model, x = quantized_vit()
+    layer = model.blocks[0].mlp.fc1
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+        cached = layer._weight_cache._value
+        model(x)
+        assert layer._weight_cache._value is cached  # reused, not recomputed
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+    scale, zero_point = layer.weight_quantizer.scale * 2, layer.weight_quantizer.zero_point
+    layer.weight_quantizer.set_qparams(scale, zero_point)
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+        set_mode(model, QuantMode.OFF)
+        assert torch.equal(model(x), uncached(model, x))
+    assert not any("cache" in key for key in model.state_dict())
+
+
+def test_weight_cache_never_reaches_autograd() -> None:
+    model, x = quantized_vit()
+    with torch.inference_mode():
+        model(x)
+    x = x.clone().requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_table_marks_each_metric_against_its_target() -> None:
+    good = {"calibration_ratio": 5.0, "relevance_ratio": 2.0, "fakequant_throughput_ratio": 0.8}
+    good |= {"calibration_memory_ratio": 1.5, "w4_size_ratio": 0.13}
+    bad = {**good, "fakequant_throughput_ratio": 0.4, "w4_size_ratio": 0.3}
+    table = format_table({"deit_s": good, "swin_t": bad})
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert set(rows) == set(TARGETS)
+    assert rows["fakequant_throughput_ratio"][1:5] == ["0.800", "ok", "0.400", "NO"]
+    assert rows["w4_size_ratio"][1:5] == ["0.130", "ok", "0.300", "NO"]
+    assert rows["calibration_ratio"][1:5] == ["5.000", "ok", "5.000", "ok"]

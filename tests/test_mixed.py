@@ -1,0 +1,72 @@
+"""Relevance scores → bit plan → quantized model, on a tiny ViT deep enough for the paper rule."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from lrpq.api import quant_layers, quantize
+from lrpq.config import QuantConfig
+from lrpq.mixed import allocatable, plan_from_scores, relevance_bit_plan
+from lrpq.modules import QuantMatMul
+
+DEPTH = 4
+LAYERS = ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj", "mlp.fc1", "mlp.fc2")
+WEIGHTED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": DEPTH, "embed_dim": 48, "num_heads": 2, "num_classes": 5}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_plan_covers_exactly_the_block_layers_and_meets_the_budget() -> None:
+    plan, scores = relevance_bit_plan(tiny_vit(), images(), wbits=4, abits=4, progress=False)
+    expected = [f"blocks.{i}.{layer}" for i in range(DEPTH) for layer in LAYERS]
+    assert list(plan.layers) == expected  # patch embedding and head keep the default widths
+    assert "patch_embed.proj" in scores.scores and "head" in scores.scores  # but are still scored
+    assert plan.mean_bits("abits") == 4
+    weighted = [plan.layers[f"blocks.{i}.{layer}"].wbits for i in range(DEPTH) for layer in WEIGHTED]
+    assert sum(weighted) / len(weighted) == 4
+    assert all(3 <= bits.wbits <= 6 and 3 <= bits.abits <= 6 for bits in plan.layers.values())
+
+
+def test_paper_rule_raises_the_first_two_blocks_and_lowers_the_least_relevant() -> None:
+    model = tiny_vit()
+    plan, scores = relevance_bit_plan(model, images(), wbits=4, abits=4, progress=False)
+    for i in (0, 1):
+        assert all(plan.layers[f"blocks.{i}.{layer}"].abits == 5 for layer in LAYERS)
+    later = {
+        name: value
+        for name, value in allocatable(scores).relative().items()
+        if not name.startswith(("blocks.0.", "blocks.1."))
+    }
+    lowered = sorted(later, key=lambda name: (later[name], name))[: 2 * len(LAYERS)]
+    assert {name for name in later if plan.layers[name].abits == 3} == set(lowered)
+
+
+def test_exact_allocator_reaches_fractional_targets_and_plan_drives_the_quantizers() -> None:
+    model = tiny_vit()
+    _, scores = relevance_bit_plan(model, images(), wbits=4, abits=4, progress=False)
+    plan = plan_from_scores(model, scores, wbits=6, abits=5, allocator="exact")
+    assert plan.mean_bits("abits") == 5
+    quantized = quantize(model, QuantConfig(6, 5).with_plan(plan), images(), progress=False)
+    for name, layer in quant_layers(quantized).items():
+        if name not in plan.layers:
+            continue
+        if isinstance(layer, QuantMatMul):
+            assert layer.a_quantizer.bits == layer.b_quantizer.bits == plan.layers[name].abits
+        else:
+            assert layer.input_quantizer.bits == plan.layers[name].abits
+            assert layer.weight_quantizer.bits == plan.layers[name].wbits
+
+
+def test_same_images_give_the_same_plan() -> None:
+    first, _ = relevance_bit_plan(tiny_vit(), images(), wbits=4, abits=4, progress=False)
+    second, _ = relevance_bit_plan(tiny_vit(), images(), wbits=4, abits=4, progress=False)
+    assert first == second
