@@ -1,23 +1,26 @@
 """``lrpq bench``: calibration, relevance, fake-quant inference, memory and file size, each as a ratio.
 
 The machine is shared, so absolute timings drift with its load. Every number is therefore a ratio of
-two measurements taken in the same run (quantized or relevance against float), timings are medians
-of ``repeats`` runs, and float and quantized runs alternate so that a change of load hits both.
+two measurements taken in the same process (quantized or relevance against float), repeated timings
+alternate the two sides so that a change of load hits both, and ratios are medians over repeats.
 
-Per model (random weights, random 224 px images):
+Each model is measured in two fresh subprocesses, because a process's peak resident size only grows:
 
-* ``calibration_ratio``: ``quantize`` on the calibration batch over one float forward of that batch.
-  Each sample runs in a fresh subprocess, which also measures the calibration peak memory and, after
-  it, one float forward of an untouched copy of the model.
-* ``calibration_memory_ratio``: increase of peak resident memory (``ru_maxrss``) over the process's
-  peak after loading the model and images, during calibration, over the same increase during a float
-  evaluation of the same batch (``lrpq.evaluate`` in inference mode), each in a fresh subprocess.
-* ``fakequant_throughput_ratio``: float forward time over fake-quant forward time, inference mode,
-  same batch. The quantized model is the one the first calibration subprocess wrote with
-  ``save_packed`` and this process loaded back, so the packed export is exercised too.
-* ``relevance_ratio``: ``compute_layer_scores`` per image over one float forward + backward per image
-  (parameter gradients included), on the same few images.
-* ``w4_size_ratio``: size of the packed W4A4 file over the float32 safetensors of the float state dict.
+* a *model* process loads the float model (random weights) and a batch of random 224 px images,
+  calibrates W4A4 first, so that its peak memory is that of calibration, then times everything else;
+* an *evaluation* process loads the same and runs one float evaluation of the batch (inference mode).
+
+Metrics, per model:
+
+* ``calibration_ratio``: ``quantize`` on the batch over the median float forward of the batch.
+  One calibration per run: it lasts many forward passes, so it already averages the load over time.
+* ``relevance_ratio``: ``compute_layer_scores`` over a float forward + backward (parameter gradients
+  included) on the same few images; per image on both sides, so the batch size cancels.
+* ``fakequant_throughput_ratio``: float forward time over fake-quant forward time, same batch. The
+  fake-quant model is rebuilt from its ``save_packed`` file, as a saved run would be loaded.
+* ``calibration_memory_ratio``: increase of peak RSS (``ru_maxrss``) during calibration over the
+  increase during float evaluation, each over the process's peak after loading the model and images.
+* ``w4_size_ratio``: packed W4A4 file over the float32 safetensors of the float state dict.
 """
 
 from __future__ import annotations
@@ -60,10 +63,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "w4_size_ratio": ("<=", 0.2),
 }
 
-Log = Callable[[str], None]
+Pairs = list[tuple[float, float]]
 
 
-def _stderr(message: str) -> None:
+def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -90,77 +93,17 @@ def _peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-# --- subprocess probes: a fresh process per peak-memory measurement ------------------------------
-
-
-def probe(task: str, model_name: str, images: int, packed_path: str | None = None) -> dict[str, float]:
-    """Run one ``task`` ("calibrate" or "evaluate") and report peak memory over the loaded baseline.
-
-    ``calibrate`` also times the calibration and then one float forward of a copy of the model taken
-    before it, so its time ratio comes from one process, and optionally saves the packed model.
-    """
-    model, spec = _float_model(model_name)
-    x = _images(spec, images)
-    result: dict[str, float] = {}
-    if task == "evaluate":
-        labels = torch.zeros(images, dtype=torch.long)
-        baseline = _peak_kib()
-        evaluate(model, [(x, labels)], progress=False)
-        result["peak_increase_kib"] = _peak_kib() - baseline
-    elif task == "calibrate":
-        reference = copy.deepcopy(model)
-        baseline = _peak_kib()
-        result["calibration_s"] = _seconds(lambda: quantize(model, BENCH_CONFIG, x, progress=False))
-        result["peak_increase_kib"] = _peak_kib() - baseline
-        with torch.inference_mode():
-            result["float_forward_s"] = _seconds(lambda: reference(x))
-        if packed_path is not None:
-            save_packed(model, packed_path)
-    else:
-        raise LrpqError(f"unknown benchmark probe task {task!r}")
-    result["baseline_kib"] = baseline
-    return result
-
-
-def _probe_main() -> None:
-    """Entry point of a probe subprocess: JSON arguments in argv[1], JSON result on the last stdout line."""
-    print(json.dumps(probe(**json.loads(sys.argv[1]))))
-
-
-def _run_probe(task: str, model_name: str, images: int, packed_path: Path | None = None) -> dict[str, float]:
-    arguments = {"task": task, "model_name": model_name, "images": images}
-    if packed_path is not None:
-        arguments["packed_path"] = str(packed_path)
-    command = [sys.executable, "-c", "from lrpq.bench import _probe_main; _probe_main()", json.dumps(arguments)]
-    finished = subprocess.run(command, capture_output=True, text=True, check=False)
-    if finished.returncode != 0:
-        tail = "\n".join(finished.stderr.strip().splitlines()[-5:])
-        raise LrpqError(f"benchmark probe '{task}' for {model_name} failed:\n{tail}")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
-# --- in-process timings --------------------------------------------------------------------------
-
-
-def _alternating(first: Callable[[], object], second: Callable[[], object], repeats: int) -> list[tuple[float, float]]:
+def _alternating(first: Callable[[], object], second: Callable[[], object], repeats: int) -> Pairs:
     """``repeats`` (first, second) timings, alternating the two so that load drift hits both alike."""
     return [(_seconds(first), _seconds(second)) for _ in range(repeats)]
 
 
-def _median_ratio(pairs: Sequence[tuple[float, float]]) -> float:
-    return statistics.median(numerator / denominator for numerator, denominator in pairs)
+def _median(pairs: Pairs, side: int) -> float:
+    return statistics.median(pair[side] for pair in pairs)
 
 
-def _median_seconds(pairs: Sequence[tuple[float, float]], which: int) -> float:
-    return statistics.median(pair[which] for pair in pairs)
-
-
-def _quantized_from_packed(float_model: nn.Module, packed: Path) -> nn.Module:
-    """Rebuild the fake-quant model from a packed file, as ``lrpq.runs.load_run`` does from a run."""
-    model = convert(prepare(copy.deepcopy(float_model), BENCH_CONFIG))
-    model.load_state_dict(load_packed_state(packed), strict=True)
-    set_mode(model, QuantMode.QUANT)
-    return model.eval()
+def _median_ratio(pairs: Pairs) -> float:
+    return statistics.median(first / second for first, second in pairs)
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor) -> None:
@@ -168,11 +111,11 @@ def _forward_backward(model: nn.Module, x: torch.Tensor) -> None:
     model(x).max(dim=1).values.sum().backward()
 
 
-def _relevance_pairs(model: nn.Module, x: torch.Tensor, repeats: int) -> list[tuple[float, float]]:
+def _relevance_pairs(model: nn.Module, x: torch.Tensor, repeats: int) -> Pairs:
     """(``compute_layer_scores``, float forward + backward) timings on the same images."""
-    from lrpq.relevance import compute_layer_scores  # scipy and friends: not needed by the probes
+    from lrpq.relevance import compute_layer_scores  # imports scipy: only the model process needs it
 
-    _forward_backward(model, x)  # warm-up of the kernels both use
+    _forward_backward(model, x)  # warm-up of the kernels both sides use
     pairs = _alternating(
         lambda: compute_layer_scores(model, x, progress=False), lambda: _forward_backward(model, x), repeats
     )
@@ -180,61 +123,98 @@ def _relevance_pairs(model: nn.Module, x: torch.Tensor, repeats: int) -> list[tu
     return pairs
 
 
-def measure_model(name: str, repeats: int, images: int, relevance_images: int, log: Log = _stderr) -> dict[str, float]:
-    """The five ratios of one model; progress and the underlying measurements go to ``log``."""
+def _reloaded(float_model: nn.Module, packed: Path) -> nn.Module:
+    """The fake-quant model rebuilt from its packed file, as ``lrpq.runs.load_run`` rebuilds a run."""
+    model = convert(prepare(copy.deepcopy(float_model), BENCH_CONFIG))
+    model.load_state_dict(load_packed_state(packed), strict=True)
+    set_mode(model, QuantMode.QUANT)
+    return model.eval()
+
+
+def measure_in_process(name: str, repeats: int, images: int, relevance_images: int) -> dict[str, float]:
+    """Everything but the evaluation memory, in this process; it must be fresh for the memory peak."""
+    float_model, spec = _float_model(name)
+    x = _images(spec, images)
+    quantized = copy.deepcopy(float_model)
+    baseline = _peak_kib()
+    _log(f"[{name}] calibrating W4A4 on {images} images")
+    calibration_s = _seconds(lambda: quantize(quantized, BENCH_CONFIG, x, progress=False))
+    peak_increase = _peak_kib() - baseline
+    _log(f"  {calibration_s:.1f} s, peak RSS +{peak_increase / 1024:.0f} MiB over {baseline / 1024:.0f} MiB loaded")
+
     with tempfile.TemporaryDirectory(prefix="lrpq-bench-") as folder:
-        packed = Path(folder) / "w4.packed.safetensors"
-        calibrations = []
-        for index in range(repeats):
-            log(f"[{name}] calibration {index + 1}/{repeats} (fresh process)")
-            calibrations.append(_run_probe("calibrate", name, images, packed if index == 0 else None))
-            sample = calibrations[-1]
-            log(f"  calibration {sample['calibration_s']:.1f} s, float forward {sample['float_forward_s']:.2f} s")
-        log(f"[{name}] float evaluation memory (fresh process)")
-        evaluation = _run_probe("evaluate", name, images)
-        calibration_kib = statistics.median(sample["peak_increase_kib"] for sample in calibrations)
-        log(
-            f"  peak RSS increase over the loaded model: calibration {calibration_kib / 1024:.0f} MiB, "
-            f"float evaluation {evaluation['peak_increase_kib'] / 1024:.0f} MiB "
-            f"(baseline {evaluation['baseline_kib'] / 1024:.0f} MiB)"
-        )
-
-        float_model, spec = _float_model(name)
-        x = _images(spec, images)
-        quantized = _quantized_from_packed(float_model, packed)
-        log(f"[{name}] float vs fake-quant forward, {repeats} alternating runs after a warm-up")
-        with torch.inference_mode():
-            float_model(x), quantized(x)  # warm-up; fills the fake-quant weight cache
-            forwards = _alternating(lambda: float_model(x), lambda: quantized(x), repeats)
-        log(f"  float {_median_seconds(forwards, 0):.2f} s, fake-quant {_median_seconds(forwards, 1):.2f} s")
-
-        log(f"[{name}] relevance vs float forward + backward on {relevance_images} images, {repeats} runs")
-        relevance = _relevance_pairs(float_model, x[:relevance_images], repeats)
-        log(f"  relevance {_median_seconds(relevance, 0):.2f} s, fwd+bwd {_median_seconds(relevance, 1):.2f} s")
-
-        float_file = Path(folder) / "float.safetensors"
+        packed, float_file = Path(folder) / "w4.packed.safetensors", Path(folder) / "float.safetensors"
+        save_packed(quantized, packed)
         save_file({key: value.contiguous() for key, value in float_model.state_dict().items()}, str(float_file))
-        sizes = (packed.stat().st_size, float_file.stat().st_size)
-        log(f"[{name}] packed W4 file {sizes[0] / 2**20:.1f} MiB, float32 file {sizes[1] / 2**20:.1f} MiB")
+        sizes = packed.stat().st_size, float_file.stat().st_size
+        quantized = _reloaded(float_model, packed)
+    _log(f"  packed W4 file {sizes[0] / 2**20:.1f} MiB, float32 file {sizes[1] / 2**20:.1f} MiB")
 
+    _log(f"[{name}] float vs fake-quant forward of {images} images, {repeats} alternating runs")
+    with torch.inference_mode():
+        quantized(x[:1])  # fills the fake-quant weight cache, which every later forward reuses
+        forwards = _alternating(lambda: float_model(x), lambda: quantized(x), repeats)
+    _log(f"  float {_median(forwards, 0):.2f} s, fake-quant {_median(forwards, 1):.2f} s")
+
+    _log(f"[{name}] relevance vs float forward + backward on {relevance_images} images, {repeats} runs")
+    relevance = _relevance_pairs(float_model, x[:relevance_images], repeats)
+    _log(f"  relevance {_median(relevance, 0):.2f} s, forward + backward {_median(relevance, 1):.2f} s")
     return {
-        "calibration_ratio": statistics.median(s["calibration_s"] / s["float_forward_s"] for s in calibrations),
+        "calibration_ratio": calibration_s / _median(forwards, 0),
         "relevance_ratio": _median_ratio(relevance),
         "fakequant_throughput_ratio": _median_ratio(forwards),
-        "calibration_memory_ratio": calibration_kib / evaluation["peak_increase_kib"],
+        "calibration_peak_increase_kib": peak_increase,
         "w4_size_ratio": sizes[0] / sizes[1],
     }
 
 
+def evaluation_peak_increase(name: str, images: int) -> dict[str, float]:
+    """Peak RSS increase of one float evaluation of the batch, in this (fresh) process."""
+    model, spec = _float_model(name)
+    x = _images(spec, images)
+    baseline = _peak_kib()
+    evaluate(model, [(x, torch.zeros(images, dtype=torch.long))], progress=False)
+    return {"evaluation_peak_increase_kib": _peak_kib() - baseline}
+
+
+_TASKS: dict[str, Callable[..., dict[str, float]]] = {
+    "model": measure_in_process,
+    "evaluation": evaluation_peak_increase,
+}
+
+
+def _subprocess_main() -> None:
+    """Entry of a fresh measuring process: task and arguments as JSON in argv[1], result on stdout."""
+    request = json.loads(sys.argv[1])
+    print(json.dumps(_TASKS[request["task"]](**request["arguments"])))
+
+
+def _in_fresh_process(task: str, **arguments: object) -> dict[str, float]:
+    """Run a task in a new Python process (progress passes through to stderr) and return its result."""
+    request = json.dumps({"task": task, "arguments": arguments})
+    command = [sys.executable, "-c", "from lrpq.bench import _subprocess_main; _subprocess_main()", request]
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if finished.returncode != 0:
+        raise LrpqError(f"benchmark process '{task}' for {arguments.get('name')} failed (see its error above)")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def measure_model(name: str, repeats: int = 3, images: int = 32, relevance_images: int = 2) -> dict[str, float]:
+    """The five ratios of one model, named as in ``TARGETS``."""
+    measured = _in_fresh_process("model", name=name, repeats=repeats, images=images, relevance_images=relevance_images)
+    _log(f"[{name}] float evaluation memory")
+    evaluation = _in_fresh_process("evaluation", name=name, images=images)["evaluation_peak_increase_kib"]
+    calibration = measured.pop("calibration_peak_increase_kib")
+    _log(f"  peak RSS +{evaluation / 1024:.0f} MiB (calibration: +{calibration / 1024:.0f} MiB)")
+    measured["calibration_memory_ratio"] = calibration / evaluation
+    return {metric: measured[metric] for metric in TARGETS}
+
+
 def run_benchmark(
-    models: Sequence[str] = DEFAULT_MODELS,
-    repeats: int = 3,
-    images: int = 32,
-    relevance_images: int = 2,
-    log: Log = _stderr,
+    models: Sequence[str] = DEFAULT_MODELS, repeats: int = 3, images: int = 32, relevance_images: int = 2
 ) -> dict[str, dict[str, float]]:
     """``{model: {metric: ratio}}`` for every model, metrics as in ``TARGETS``."""
-    return {name: measure_model(name, repeats, images, relevance_images, log) for name in models}
+    return {name: measure_model(name, repeats, images, relevance_images) for name in models}
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -255,14 +235,14 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lrpq bench`` and ``scripts/bench.py``."""
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="aliases or timm names")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per timing; the median is reported")
-    parser.add_argument("--images", type=int, default=32, help="calibration / evaluation batch (default 32)")
-    parser.add_argument("--relevance-images", type=int, default=2, help="images for the relevance timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per comparison; medians are reported")
+    parser.add_argument("--images", type=int, default=32, help="calibration / inference batch (default 32)")
+    parser.add_argument("--relevance-images", type=int, default=2, help="images of the relevance timing")
     parser.add_argument("--json", help="also write the ratios to this JSON file")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table and the JSON to stdout (progress goes to stderr)."""
+    """Run the benchmark; the table and the JSON go to stdout, progress to stderr."""
     if args.repeats < 1 or args.images < 1 or not 1 <= args.relevance_images <= args.images:
         raise LrpqError("--repeats and --images must be positive and --relevance-images within 1..--images")
     start = time.perf_counter()
@@ -272,16 +252,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     print(payload)
     if args.json:
         Path(args.json).write_text(payload + "\n")
-    _stderr(f"benchmark finished in {time.perf_counter() - start:.0f} s")
+    _log(f"benchmark finished in {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        return run_from_args(args)
+        return run_from_args(parser.parse_args(argv))
     except LrpqError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from lrpq.errors import LrpqError
 from lrpq.evaluate import EvalResult, evaluate
 from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores
 from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.modules import QuantConv2d, QuantLinear
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import write_relevance_report
 from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
@@ -96,7 +97,9 @@ def _default_run_dir(spec: ModelSpec, config: QuantConfig, mixed: bool) -> Path:
 def _budget_summary(model: torch.nn.Module, config: QuantConfig) -> dict[str, float]:
     """Mean bits as the paper counts them (per layer) and weight bits weighted by parameter count."""
     plan = effective_plan(model, config)
-    weighted_layers = {name: layer for name, layer in quant_layers(model).items() if hasattr(layer, "weight")}
+    weighted_layers = {
+        name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear | QuantConv2d)
+    }
     weighted_plan = BitPlan({name: plan.layers[name] for name in weighted_layers})
     counts = {name: layer.weight.numel() for name, layer in weighted_layers.items()}
     return {

@@ -13,10 +13,21 @@ import torch
 from torch import nn
 
 from lrpq.allocate import make_bit_plan
-from lrpq.config import BitPlan
+from lrpq.config import MAX_PRIMITIVE_BITS, MIN_PRIMITIVE_BITS, BitPlan
 from lrpq.relevance import LayerScores, compute_layer_scores
 
 DEFAULT_RELEVANCE_IMAGES = 32
+DEFAULT_WIDTHS = (3, 6)
+
+
+def widths_for(wbits: int, abits: int, widths: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The allowed widths: 3–6 by default, widened to target ± 1 so the paper rule can move every target."""
+    if widths is not None:
+        return widths
+    low = max(MIN_PRIMITIVE_BITS, min(DEFAULT_WIDTHS[0], wbits - 1, abits - 1))
+    return low, min(MAX_PRIMITIVE_BITS, max(DEFAULT_WIDTHS[1], wbits + 1, abits + 1))
+
+
 ALLOCATION_EXCLUDED_BLOCKS = ("patch_embed", "head")
 
 
@@ -48,7 +59,7 @@ def allocate_from_scores(
     wbits: int,
     abits: int,
     allocator: str = "paper",
-    widths: tuple[int, int] = (3, 6),
+    widths: tuple[int, int] | None = None,
 ) -> BitPlan:
     """Allocate weight bits over ``weight_layers`` and activation bits over every block layer."""
     kept = allocatable(scores)
@@ -60,7 +71,7 @@ def allocate_from_scores(
         abits=abits,
         weight_layers=[name for name in kept.scores if name in set(weight_layers)],
         allocator=allocator,
-        widths=widths,
+        widths=widths_for(wbits, abits, widths),
     )
 
 
@@ -71,7 +82,7 @@ def plan_from_scores(
     wbits: int,
     abits: int,
     allocator: str = "paper",
-    widths: tuple[int, int] = (3, 6),
+    widths: tuple[int, int] | None = None,
 ) -> BitPlan:
     """Allocate the bits of every block layer of ``model`` from its relative importance."""
     weight_layers = [name for name in scores.scores if _has_weights(model, name)]
@@ -85,7 +96,7 @@ def relevance_bit_plan(
     wbits: int,
     abits: int,
     allocator: str = "paper",
-    widths: tuple[int, int] = (3, 6),
+    widths: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> tuple[BitPlan, LayerScores]:
     """Score ``model`` (float) on ``images`` and allocate bits; returns the plan and the scores."""

@@ -52,12 +52,19 @@ class _CandidateObserver:
     def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _squared_error(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """Squared error of a candidate, per channel when channel-wise; consumes ``x_hat`` as scratch."""
+    def _squared_errors(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Squared error of candidates stacked along dim 0 of ``x_hat``, which this consumes as scratch.
+
+        The result must not depend on how many candidates share the stack, or a choice between nearly
+        equal candidates could flip. A per-channel sum is a separate reduction per output either way,
+        but one sum over a stack of whole tensors splits the work across threads differently from the
+        sum of one tensor, so per tensor each candidate is reduced on its own.
+        """
         diff = x_hat.sub_(x).square_()
         if self.channel_dim is None:
-            return diff.sum()
-        return diff.movedim(self.channel_dim, -1).reshape(-1, diff.shape[self.channel_dim]).sum(0)
+            return torch.stack([candidate.sum() for candidate in diff])
+        channels = diff.movedim(self.channel_dim % x.dim() + 1, -1)
+        return channels.reshape(len(diff), -1, channels.shape[-1]).sum(1)
 
     def best_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean range of the least-error candidate (per channel when channel-wise)."""
@@ -69,10 +76,17 @@ class _CandidateObserver:
         return lower, upper
 
 
-def _broadcast_channels(t: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
-    """View per-channel values (P, C) as (P, 1, .., C, .., 1) against a tensor of rank ``ndim``."""
+# Scratch for fake-quantizing several candidates at once (64 MiB of float32). Calibration on a loaded
+# machine is bound by the number of parallel ops more than by their size, so small tensors evaluate
+# every candidate in one set of ops; large ones go one candidate at a time to bound peak memory.
+_SCRATCH_ELEMENTS = 1 << 24
+
+
+def _candidate_view(t: torch.Tensor, ndim: int, channel_dim: int | None) -> torch.Tensor:
+    """View per-candidate values (P,) or (P, C) as (P, 1, .., C, .., 1) against a tensor of rank ``ndim``."""
     shape = [1] * ndim
-    shape[channel_dim] = t.shape[-1]
+    if channel_dim is not None:
+        shape[channel_dim] = t.shape[-1]
     return t.reshape(t.shape[0], *shape)
 
 
@@ -81,14 +95,15 @@ class UniformObserver(_CandidateObserver):
 
     def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         scale, zero_point = uniform_qparams(lower, upper, self.bits)
-        if self.channel_dim is not None:
-            scale = _broadcast_channels(scale, x.dim(), self.channel_dim)
-            zero_point = _broadcast_channels(zero_point, x.dim(), self.channel_dim)
-        buffer = torch.empty_like(x)  # one scratch tensor for every candidate: no allocation per grid
-        candidates = zip(scale, zero_point, strict=True)
-        return torch.stack(
-            [self._squared_error(x, fake_quant_uniform(x, s, z, self.bits, out=buffer)) for s, z in candidates]
-        )
+        scale = _candidate_view(scale, x.dim(), self.channel_dim)
+        zero_point = _candidate_view(zero_point, x.dim(), self.channel_dim)
+        group = max(1, _SCRATCH_ELEMENTS // x.numel())
+        buffer = x.new_empty((min(group, len(scale)), *x.shape))  # reused by every group: no allocation per grid
+        errors = []
+        for start in range(0, len(scale), group):
+            s, z = scale[start : start + group], zero_point[start : start + group]
+            errors.append(self._squared_errors(x, fake_quant_uniform(x, s, z, self.bits, out=buffer[: len(s)])))
+        return torch.cat(errors)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the chosen range."""
@@ -104,7 +119,7 @@ class LogSqrt2Observer(_CandidateObserver):
 
     def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         scales = torch.clamp(upper, min=1e-8)
-        return torch.stack([self._squared_error(x, fake_quant_log_sqrt2(x, s, self.bits)) for s in scales])
+        return torch.cat([self._squared_errors(x, fake_quant_log_sqrt2(x, s, self.bits).unsqueeze(0)) for s in scales])
 
     def scale(self) -> torch.Tensor:
         _, upper = self.best_bounds()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,14 +70,18 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
 ]
 
 
-def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int) -> list[dict]:
+def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int, done: dict) -> Iterator[dict]:
+    """Top-1 of every row not already in ``done``, yielding all rows after each one (keyed by label, so an
+    interrupted run resumes; resume with the same ``--limit``)."""
     spec = resolve_model(str(ref.card))
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
     relevance_set = load_calibration_images(
         draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
     )
-    rows = []
+    rows = dict(done)
     for label, config, mixed in ROWS:
+        if label in rows:
+            continue
         torch.manual_seed(seed)
         model = build_model(spec)
         started = time.perf_counter()
@@ -90,19 +95,19 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
         seconds = time.perf_counter() - started
         loader = make_loader(ref.data / "dev", spec.data_config, spec.classes, model.num_classes, 100, limit)
         result = evaluate(model, loader)
-        rows.append({"row": label, **result.to_json_dict(), "quantize_seconds": round(seconds, 1), "plan": plan_mean})
+        rows[label] = {**result.to_json_dict(), "quantize_seconds": round(seconds, 1), "plan": plan_mean}
         print(f"{ref.label:<28} {label:<34} top-1 {result.top1:6.2f}%", flush=True)
-    return rows
+        yield rows
 
 
 def markdown(results: dict[str, list[dict]]) -> str:
     names = [name for name in REFERENCES if name in results]
     header = "| configuration | " + " | ".join(REFERENCES[name].label for name in names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
-    for index, (label, _, _) in enumerate(ROWS):
-        cells = [f"{results[name][index]['top1']:.2f}" for name in names]
+    for label, _, _ in ROWS:
+        cells = [f"{results[name][label]['top1']:.2f}" if label in results[name] else "–" for name in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{REFERENCES[name].label}: {results[name][0]['n']} images" for name in names)
+    counts = ", ".join(f"{REFERENCES[name].label}: {results[name]['float']['n']} images" for name in names)
     return "\n".join(lines) + f"\n\nTop-1 (%) on the dev folders ({counts}).\n"
 
 
@@ -118,8 +123,10 @@ def main() -> None:
         parser.error(f"the shared reference models and data are expected at {SHARED}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        rows = run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed)
-        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        path = args.out / f"{name}.json"
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done):
+            path.write_text(json.dumps(rows, indent=2) + "\n")
     results = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
     table = markdown({name: rows for name, rows in results.items() if name in REFERENCES})
     (args.out / "results.md").write_text(table)

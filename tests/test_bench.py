@@ -40,7 +40,7 @@ def test_log_grid_lookup_equals_the_elementwise_formulas(bits: int) -> None:
     generator = torch.Generator().manual_seed(bits)
     attn = (4.0 * torch.randn(3, 2, 29, 29, generator=generator)).softmax(dim=-1)
     attn[0, 0, 0, :4] = 0.0
-    attn[0, 0, 1, 0] = float("nan")  # NaN stays NaN, as the formula gives
+    attn[0, 0, 1, :3] = torch.tensor([float("nan"), float("inf"), -0.5])  # as the formula: NaN, scale, 0
     for scale in (attn.nan_to_num().max(), torch.tensor(0.23), torch.tensor([[[[0.5]], [[0.9]]]])):
         codes, underflow = quantize_log_sqrt2(attn, scale, bits)
         shift, parity = log2_shift_form(codes)
@@ -49,6 +49,19 @@ def test_log_grid_lookup_equals_the_elementwise_formulas(bits: int) -> None:
         exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
         torch.testing.assert_close(fake_quant_log2(attn, scale, bits), log2_reference, **exact)
         torch.testing.assert_close(fake_quant_log_sqrt2(attn, scale, bits), log_sqrt2_reference, **exact)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_log_grid_lookup_rounds_like_the_formula_next_to_every_level_boundary(bits: int) -> None:
+    # Every float32 within 512 ulps of each rounding boundary 2^(-(q + 1/2) / 2) of the log√2 grid.
+    boundaries = torch.exp2(-(torch.arange(2**bits, dtype=torch.float64) + 0.5) / 2).float()
+    offsets = torch.arange(-512, 513, dtype=torch.int32)
+    ratios = (boundaries.view(torch.int32).unsqueeze(1) + offsets).view(torch.float32).reshape(-1)
+    unit = torch.tensor(1.0)
+    codes, underflow = quantize_log_sqrt2(ratios, unit, bits)
+    assert torch.equal(fake_quant_log_sqrt2(ratios, unit, bits), dequantize_log_sqrt2(codes, underflow, unit))
+    shift, parity = log2_shift_form(codes)
+    assert torch.equal(fake_quant_log2(ratios, unit, bits), dequantize_log2(shift, parity, underflow, unit))
 
 
 def quantized_vit() -> tuple[torch.nn.Module, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
-from lrpq.mixed import allocatable, plan_from_scores, relevance_bit_plan
+from lrpq.mixed import allocatable, plan_from_scores, relevance_bit_plan, widths_for
 from lrpq.modules import QuantMatMul
 
 DEPTH = 4
@@ -70,3 +70,18 @@ def test_same_images_give_the_same_plan() -> None:
     first, _ = relevance_bit_plan(tiny_vit(), images(), wbits=4, abits=4, progress=False)
     second, _ = relevance_bit_plan(tiny_vit(), images(), wbits=4, abits=4, progress=False)
     assert first == second
+
+
+def test_default_widths_widen_to_reach_target_plus_and_minus_one() -> None:
+    assert widths_for(4, 4) == (3, 6)
+    assert widths_for(6, 6) == (3, 7)
+    assert widths_for(8, 8) == (3, 8)  # capped at the widest grid the primitives accept
+    assert widths_for(6, 6, (4, 6)) == (4, 6)
+
+
+def test_six_bit_mixed_plan_raises_the_first_blocks_to_seven() -> None:
+    plan, _ = relevance_bit_plan(tiny_vit(), images(), wbits=6, abits=6, progress=False)
+    assert plan.mean_bits("abits") == 6
+    # Four blocks: the 12 raised layers of blocks 0-1 are paid for by all 12 layers of blocks 2-3.
+    assert {bits.abits for bits in plan.layers.values()} == {5, 7}
+    assert all(plan.layers[f"blocks.0.{layer}"].abits == 7 for layer in LAYERS)
