@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lrpq import bench
 from lrpq.allocate import ALLOCATORS, weighted_mean_bits
 from lrpq.api import quant_layers, quantize
 from lrpq.config import BitPlan, QuantConfig
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")
     r.set_defaults(func=cmd_relevance)
+
+    b = commands.add_parser("bench", help="calibration, relevance, inference, memory and size as ratios to float")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run_from_args)
     return parser
 
 

@@ -1,9 +1,10 @@
 """Run directories: what ``lrpq quantize`` writes and ``lrpq eval RUN_DIR`` reads back.
 
 A run directory holds ``model.safetensors`` (the fake-quant state: folded weights and quantizer
-buffers), ``config.json`` (model spec + quantization config), ``bits.json`` (the effective bit plan,
-reusable with ``--bit-plan``) and a human-readable ``summary.txt`` beside ``summary.json``. It is
-written into a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
+buffers), ``model.packed.safetensors`` (the same state with weights as packed low-bit integers),
+``config.json`` (model spec + quantization config), ``bits.json`` (the effective bit plan, reusable
+with ``--bit-plan``) and a human-readable ``summary.txt`` beside ``summary.json``. It is written into
+a temporary sibling folder and renamed at the end, so a failed run leaves nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from lrpq.api import convert, prepare, quant_layers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
+from lrpq.export import PACKED_FILE, save_packed
 from lrpq.models import ModelSpec, build_model
 from lrpq.modules import QuantMatMul
 from lrpq.quantizers import QuantMode
@@ -87,6 +89,7 @@ def save_run(
     with atomic_dir(out_dir, overwrite) as staging:
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / MODEL_FILE))
+        save_packed(model, staging / PACKED_FILE)
         payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict()}
         (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         plan = effective_plan(model, config)

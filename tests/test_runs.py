@@ -51,6 +51,7 @@ def test_save_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "bits.json",
         "config.json",
+        "model.packed.safetensors",
         "model.safetensors",
         "summary.json",
         "summary.txt",
