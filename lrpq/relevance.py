@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lrpq.allocate import relative_importance
 from lrpq.errors import LrpqError
 
 # Stabiliser of every relevance ratio, as in Chefer et al.'s safe_divide.
@@ -622,15 +622,7 @@ class LayerScores:
 
     def relative(self) -> dict[str, float]:
         """Score / block total; an all-zero block carries no preference, so it is shared equally."""
-        counts = Counter(self.block_of[name] for name in self.scores)
-        totals: dict[str, float] = defaultdict(float)
-        for name, score in self.scores.items():
-            totals[self.block_of[name]] += score
-        result = {}
-        for name, score in self.scores.items():
-            block = self.block_of[name]
-            result[name] = score / totals[block] if totals[block] > 0 else 1 / counts[block]
-        return result
+        return relative_importance(self.scores, self.block_of)
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
