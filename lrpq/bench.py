@@ -4,11 +4,12 @@ The machine is shared, so absolute timings drift with its load. Every number is 
 two measurements taken in the same process (quantized or relevance against float), repeated timings
 alternate the two sides so that a change of load hits both, and ratios are medians over repeats.
 
-Each model is measured in two fresh subprocesses, because a process's peak resident size only grows:
+Each model is measured in three fresh subprocesses (random weights, random 224 px images):
 
-* a *model* process loads the float model (random weights) and a batch of random 224 px images,
-  calibrates W4A4 first, so that its peak memory is that of calibration, then times everything else;
-* an *evaluation* process loads the same and runs one float evaluation of the batch (inference mode).
+* a *timing* process calibrates W4A4, saves and reloads the packed model, then times forwards and
+  relevance against float;
+* two *memory* processes each load the model and the batch, then either calibrate or evaluate the
+  float model once; a process's peak resident size only grows, so each task needs its own process.
 
 Metrics, per model:
 
@@ -16,10 +17,15 @@ Metrics, per model:
   One calibration per run: it lasts many forward passes, so it already averages the load over time.
 * ``relevance_ratio``: ``compute_layer_scores`` over a float forward + backward (parameter gradients
   included) on the same few images; per image on both sides, so the batch size cancels.
-* ``fakequant_throughput_ratio``: float forward time over fake-quant forward time, same batch. The
-  fake-quant model is rebuilt from its ``save_packed`` file, as a saved run would be loaded.
-* ``calibration_memory_ratio``: increase of peak RSS (``ru_maxrss``) during calibration over the
-  increase during float evaluation, each over the process's peak after loading the model and images.
+* ``fakequant_throughput_ratio``: float forward time over fake-quant forward time, same batch, both
+  in inference mode. The fake-quant model is rebuilt from its ``save_packed`` file, as a run is.
+* ``calibration_memory_ratio``: increase of peak RSS (``ru_maxrss``) over the process's peak after
+  loading the model and images, calibration over float evaluation (``lrpq.evaluate``). Both memory
+  processes run with glibc's mmap threshold pinned at 1 MiB (``MALLOC_MMAP_THRESHOLD_``), so a freed
+  large tensor goes back to the system: with the default, moving threshold, how much freed memory the
+  per-thread heaps keep depends on thread timing: five identical deit_s calibrations peaked at +300
+  to +530 MiB against +190 to +210 MiB for evaluation, and at +195 MiB every time with the pinned
+  threshold. The timing process keeps the default allocator, whose page reuse it measures.
 * ``w4_size_ratio``: packed W4A4 file over the float32 safetensors of the float state dict.
 """
 
@@ -29,6 +35,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -113,7 +120,7 @@ def _forward_backward(model: nn.Module, x: torch.Tensor) -> None:
 
 def _relevance_pairs(model: nn.Module, x: torch.Tensor, repeats: int) -> Pairs:
     """(``compute_layer_scores``, float forward + backward) timings on the same images."""
-    from lrpq.relevance import compute_layer_scores  # imports scipy: only the model process needs it
+    from lrpq.relevance import compute_layer_scores  # pulls in scipy, which the CLI and memory runs do not need
 
     _forward_backward(model, x)  # warm-up of the kernels both sides use
     pairs = _alternating(
@@ -132,15 +139,12 @@ def _reloaded(float_model: nn.Module, packed: Path) -> nn.Module:
 
 
 def measure_in_process(name: str, repeats: int, images: int, relevance_images: int) -> dict[str, float]:
-    """Everything but the evaluation memory, in this process; it must be fresh for the memory peak."""
+    """Every ratio but the memory one, in this process."""
     float_model, spec = _float_model(name)
     x = _images(spec, images)
     quantized = copy.deepcopy(float_model)
-    baseline = _peak_kib()
     _log(f"[{name}] calibrating W4A4 on {images} images")
     calibration_s = _seconds(lambda: quantize(quantized, BENCH_CONFIG, x, progress=False))
-    peak_increase = _peak_kib() - baseline
-    _log(f"  {calibration_s:.1f} s, peak RSS +{peak_increase / 1024:.0f} MiB over {baseline / 1024:.0f} MiB loaded")
 
     with tempfile.TemporaryDirectory(prefix="lrpq-bench-") as folder:
         packed, float_file = Path(folder) / "w4.packed.safetensors", Path(folder) / "float.safetensors"
@@ -148,7 +152,7 @@ def measure_in_process(name: str, repeats: int, images: int, relevance_images: i
         save_file({key: value.contiguous() for key, value in float_model.state_dict().items()}, str(float_file))
         sizes = packed.stat().st_size, float_file.stat().st_size
         quantized = _reloaded(float_model, packed)
-    _log(f"  packed W4 file {sizes[0] / 2**20:.1f} MiB, float32 file {sizes[1] / 2**20:.1f} MiB")
+    _log(f"  {calibration_s:.1f} s; packed W4 file {sizes[0] / 2**20:.1f} MiB, float32 {sizes[1] / 2**20:.1f} MiB")
 
     _log(f"[{name}] float vs fake-quant forward of {images} images, {repeats} alternating runs")
     with torch.inference_mode():
@@ -163,51 +167,57 @@ def measure_in_process(name: str, repeats: int, images: int, relevance_images: i
         "calibration_ratio": calibration_s / _median(forwards, 0),
         "relevance_ratio": _median_ratio(relevance),
         "fakequant_throughput_ratio": _median_ratio(forwards),
-        "calibration_peak_increase_kib": peak_increase,
         "w4_size_ratio": sizes[0] / sizes[1],
     }
 
 
-def evaluation_peak_increase(name: str, images: int) -> dict[str, float]:
-    """Peak RSS increase of one float evaluation of the batch, in this (fresh) process."""
+def peak_increase(name: str, task: str, images: int) -> dict[str, float]:
+    """Peak RSS increase in KiB of one calibration or float evaluation, in this (fresh) process."""
     model, spec = _float_model(name)
     x = _images(spec, images)
     baseline = _peak_kib()
-    evaluate(model, [(x, torch.zeros(images, dtype=torch.long))], progress=False)
-    return {"evaluation_peak_increase_kib": _peak_kib() - baseline}
+    if task == "calibration":
+        quantize(model, BENCH_CONFIG, x, progress=False)
+    else:
+        evaluate(model, [(x, torch.zeros(images, dtype=torch.long))], progress=False)
+    return {"peak_increase_kib": _peak_kib() - baseline, "baseline_kib": baseline}
 
 
-_TASKS: dict[str, Callable[..., dict[str, float]]] = {
-    "model": measure_in_process,
-    "evaluation": evaluation_peak_increase,
-}
+_ENTRIES: dict[str, Callable[..., dict[str, float]]] = {"timing": measure_in_process, "memory": peak_increase}
+# Freed tensors of 1 MiB and more return to the system at once (see the module docstring).
+_MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _subprocess_main() -> None:
-    """Entry of a fresh measuring process: task and arguments as JSON in argv[1], result on stdout."""
+    """Entry of a fresh measuring process: entry name and arguments as JSON in argv[1], result on stdout."""
     request = json.loads(sys.argv[1])
-    print(json.dumps(_TASKS[request["task"]](**request["arguments"])))
+    print(json.dumps(_ENTRIES[request["entry"]](**request["arguments"])))
 
 
-def _in_fresh_process(task: str, **arguments: object) -> dict[str, float]:
-    """Run a task in a new Python process (progress passes through to stderr) and return its result."""
-    request = json.dumps({"task": task, "arguments": arguments})
+def _in_fresh_process(entry: str, environment: dict[str, str] | None = None, **arguments: object) -> dict[str, float]:
+    """Run ``_ENTRIES[entry]`` in a new Python process (progress passes through to stderr), return its result."""
+    request = json.dumps({"entry": entry, "arguments": arguments})
     command = [sys.executable, "-c", "from lrpq.bench import _subprocess_main; _subprocess_main()", request]
-    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    env = {**os.environ, **(environment or {})}
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, env=env)
     if finished.returncode != 0:
-        raise LrpqError(f"benchmark process '{task}' for {arguments.get('name')} failed (see its error above)")
+        raise LrpqError(f"benchmark process '{entry}' for {arguments.get('name')} failed (see its error above)")
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def measure_model(name: str, repeats: int = 3, images: int = 32, relevance_images: int = 2) -> dict[str, float]:
     """The five ratios of one model, named as in ``TARGETS``."""
-    measured = _in_fresh_process("model", name=name, repeats=repeats, images=images, relevance_images=relevance_images)
-    _log(f"[{name}] float evaluation memory")
-    evaluation = _in_fresh_process("evaluation", name=name, images=images)["evaluation_peak_increase_kib"]
-    calibration = measured.pop("calibration_peak_increase_kib")
-    _log(f"  peak RSS +{evaluation / 1024:.0f} MiB (calibration: +{calibration / 1024:.0f} MiB)")
-    measured["calibration_memory_ratio"] = calibration / evaluation
-    return {metric: measured[metric] for metric in TARGETS}
+    ratios = _in_fresh_process("timing", name=name, repeats=repeats, images=images, relevance_images=relevance_images)
+    peaks = {}
+    for task in ("calibration", "evaluation"):
+        _log(f"[{name}] peak memory of {task}")
+        peaks[task] = _in_fresh_process("memory", _MEMORY_ENVIRONMENT, name=name, task=task, images=images)
+        increase, baseline = peaks[task]["peak_increase_kib"], peaks[task]["baseline_kib"]
+        _log(f"  +{increase / 1024:.0f} MiB over {baseline / 1024:.0f} MiB after loading")
+    ratios["calibration_memory_ratio"] = (
+        peaks["calibration"]["peak_increase_kib"] / peaks["evaluation"]["peak_increase_kib"]
+    )
+    return {metric: ratios[metric] for metric in TARGETS}
 
 
 def run_benchmark(
