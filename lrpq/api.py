@@ -1,7 +1,8 @@
 """One call from a float timm model to a fake-quantized one: ``quantize(model, config, calib)``.
 
-Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe post-LN activations
-channel-wise → fold CRL-clipped channel factors into LayerNorm and sink (``reparam``) → calibrate
+Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe post-LN and post-GELU
+activations channel-wise → fold CRL-clipped channel factors into LayerNorm (or the sink's input
+reparameterization) and sink (``reparam``) → calibrate
 weights on the folded values → observe every activation quantizer → ``convert`` (log√2 → log2) →
 QUANT. ``prepare`` followed by ``convert`` builds the same module tree without data, which is how a
 saved run is loaded back.
@@ -21,8 +22,8 @@ from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
 from lrpq.quantizers import FakeQuantizer, LogSqrt2Quantizer, QuantMode
-from lrpq.regions import Region, find_regions
-from lrpq.reparam import ensure_bias, fold_into_norm_and_sink, layerwise_fold_factors
+from lrpq.regions import Region, find_activation_sinks, find_regions
+from lrpq.reparam import FoldFactors, ensure_bias, fold_into_norm_and_sink, fold_into_sink, layerwise_fold_factors
 
 QuantLayer = QuantLinear | QuantConv2d | QuantMatMul
 
@@ -42,6 +43,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     if config.crl:
         for region in find_regions(model):
             ensure_bias(model.get_submodule(region.sink))
+    if config.post_gelu_reparam:
+        for sink in find_activation_sinks(model):
+            model.get_submodule(sink).add_input_reparam()
     unknown = set(config.bit_plan.layers) - set(quant_layers(model))
     if unknown:
         raise LrpqError(
@@ -128,20 +132,27 @@ def activation_quantizers(model: nn.Module) -> list[FakeQuantizer]:
 def _reparameterize(
     model: nn.Module,
     regions: list[Region],
+    activation_sinks: list[str],
     config: QuantConfig,
     calib: CalibData,
     batch_size: int,
     run: BatchRunner,
     progress: bool,
 ) -> None:
-    sinks = {region.sink: model.get_submodule(region.sink) for region in regions}
+    """Observe every sink's input channel-wise in one pass, then fold each sink's factors."""
+    sinks = {name: model.get_submodule(name) for name in [region.sink for region in regions] + activation_sinks}
     bits = {name: sink.input_quantizer.bits for name, sink in sinks.items()}
     with observe_channels(sinks, bits, config.percentiles) as observers:
         _run(model, calib, batch_size, run, "channel stats", progress)
+
+    def factors(sink: str) -> FoldFactors:
+        scale, zero_point = observers[sink].qparams()
+        return layerwise_fold_factors(scale, zero_point, config.clip_k)
+
     for region in regions:
-        scale, zero_point = observers[region.sink].qparams()
-        factors = layerwise_fold_factors(scale, zero_point, config.clip_k)
-        fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], factors)
+        fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], factors(region.sink))
+    for sink in activation_sinks:
+        fold_into_sink(sinks[sink].input_reparam, sinks[sink], factors(sink))
 
 
 @torch.no_grad()
@@ -163,8 +174,9 @@ def quantize(
     model.eval()
     prepare(model, config)
     regions = find_regions(model) if config.crl else []
-    if regions:
-        _reparameterize(model, regions, config, calib, batch_size, run, progress)
+    activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
+    if regions or activation_sinks:
+        _reparameterize(model, regions, activation_sinks, config, calib, batch_size, run, progress)
     for layer in quant_layers(model).values():
         if isinstance(layer, QuantLinear | QuantConv2d):
             layer.weight_quantizer.calibrate_from(layer.weight)

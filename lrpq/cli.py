@@ -84,7 +84,13 @@ def _layer_scores(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Mod
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
     abits = args.abits if args.abits is not None else args.wbits
-    config = QuantConfig(wbits=args.wbits, abits=abits, crl=not args.no_crl, clip_k=args.clip_k)
+    config = QuantConfig(
+        wbits=args.wbits,
+        abits=abits,
+        crl=not args.no_crl,
+        post_gelu_reparam=not args.no_gelu_reparam,
+        clip_k=args.clip_k,
+    )
     if args.bit_plan:
         config = config.with_plan(BitPlan.load(args.bit_plan))
     return config
@@ -134,6 +140,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "wbits": config.wbits,
         "abits": config.abits,
         "crl": config.crl,
+        "post_gelu_reparam": config.post_gelu_reparam,
         "clip_k": config.clip_k,
         "calibration_images": int(calib.shape[0]),
         "seed": args.seed,
@@ -221,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
+    q.add_argument(
+        "--no-gelu-reparam", action="store_true", help="skip the channel fold of post-GELU activations (fc2 inputs)"
+    )
     q.add_argument(
         "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
     )

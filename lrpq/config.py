@@ -76,8 +76,10 @@ class QuantConfig:
     """Everything that determines a quantized model, given the float model and calibration images.
 
     ``bit_plan`` overrides ``wbits``/``abits`` for the layers it names; every other layer uses the
-    defaults. ``crl`` turns on the post-LayerNorm reparameterization and ``clip_k`` is its clipping
-    width (channel scales held within mean ± k·std; ``None`` reparameterizes without clipping). The
+    defaults. ``crl`` turns on the post-LayerNorm reparameterization, ``post_gelu_reparam`` the same
+    channel fold for the input of ``mlp.fc2`` (held at that layer's input, see ``lrpq.reparam``), and
+    ``clip_k`` is their clipping width (channel scales held within mean ± k·std; ``None``
+    reparameterizes without clipping). The
     default is ``None`` because on both reference models every k tried (1, 2, 3) cost W4A4 accuracy:
     4-bit activation error dominates there, and clipping leaves outlier channels wider than the
     shared grid (numbers in the README).
@@ -90,6 +92,7 @@ class QuantConfig:
     wbits: int = 4
     abits: int = 4
     crl: bool = True
+    post_gelu_reparam: bool = True
     clip_k: float | None = None
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8
@@ -102,7 +105,14 @@ class QuantConfig:
     def naive(cls, wbits: int, abits: int) -> QuantConfig:
         """The floor to beat: per-tensor min-max everywhere, no reparameterization, uniform softmax."""
         return cls(
-            wbits, abits, crl=False, percentiles=(1.0,), conv_abits=None, per_channel_weights=False, log_softmax=False
+            wbits,
+            abits,
+            crl=False,
+            post_gelu_reparam=False,
+            percentiles=(1.0,),
+            conv_abits=None,
+            per_channel_weights=False,
+            log_softmax=False,
         )
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from lrpq.config import LayerBits, QuantConfig
 from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer
+from lrpq.reparam import InputReparam, ensure_bias
 
 
 def _layer_quantizers(
@@ -69,16 +70,28 @@ class _WeightCache:
 
 
 class QuantLinear(nn.Linear):
-    """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer."""
+    """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer.
+
+    A sink of an activation region also owns an ``InputReparam`` applied before its input quantizer.
+    """
 
     def __init__(self, linear: nn.Linear, name: str, bits: LayerBits, config: QuantConfig):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
+        self.input_reparam: InputReparam | None = None
         self._weight_cache = _WeightCache()
 
+    def add_input_reparam(self) -> InputReparam:
+        """Give this layer an identity ``InputReparam`` (and a bias) for a channel fold to fill in."""
+        ensure_bias(self)
+        self.input_reparam = InputReparam(self.in_features).to(self.weight.device)
+        return self.input_reparam
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_reparam is not None:
+            x = self.input_reparam(x)
         weight = self._weight_cache.get(self.weight, self.weight_quantizer)
         return F.linear(self.input_quantizer(x), weight, self.bias)
 

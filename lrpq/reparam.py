@@ -1,4 +1,4 @@
-"""Scale reparameterization of post-LayerNorm activations, with CRL clipping.
+"""Scale reparameterization of post-LayerNorm and post-GELU activations, with CRL clipping.
 
 RepQ-ViT calibrates the post-LN activation channel-wise (scale ``s_c``, zero point ``z_c``) and then
 rewrites the model so that one per-tensor quantizer ``(s̃, z̃)`` reproduces the channel-wise grid:
@@ -11,6 +11,14 @@ CRL (LRP-QViT) clips the per-channel scales and zero points to ``mean ± k·std`
 before computing the factors: an outlier channel then keeps part of its range in the activation
 instead of multiplying a whole column of the next weight by a large ``r``, which would otherwise
 stretch every output channel's weight range.
+
+A post-GELU activation (the input of ``mlp.fc2``) has no affine before it to absorb ``1/r`` and
+``b``: GELU is not scale-equivariant. The sink then applies ``x / r - b`` itself on its input
+(``InputReparam``), before its per-tensor quantizer, and folds ``r`` and ``b`` into its weight and
+bias the same way. In an integer pipeline that per-channel affine is the requantization of the
+float GELU output, which is elementwise anyway; the GEMM still reads codes on one grid. It matters
+for models whose hidden activations have a few outlier channels (DINOv2's reach 15 where the rest
+stay below 4): one per-tensor range must either clip them or waste its levels on them.
 """
 
 from __future__ import annotations
@@ -57,6 +65,36 @@ def fold_into_norm_and_sink(norm: nn.LayerNorm, sink: nn.Linear, factors: FoldFa
     r, b = factors.r.to(norm.weight.dtype), factors.b.to(norm.weight.dtype)
     norm.weight.div_(r)
     norm.bias.div_(r).sub_(b)
+    _absorb_in_sink(sink, r, b)
+
+
+class InputReparam(nn.Module):
+    """``x / r - b`` on a sink's input channels: the half of a fold that has no LayerNorm to live in.
+
+    Starts as the identity (``r = 1``, ``b = 0``), so a prepared model is unchanged until calibration
+    sets the factors, and a saved run loads them back as buffers.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("r", torch.ones(channels))
+        self.register_buffer("b", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.r).sub_(self.b)
+
+
+@torch.no_grad()
+def fold_into_sink(reparam: InputReparam, sink: nn.Linear, factors: FoldFactors) -> None:
+    """Set ``reparam`` to emit ``x / r - b`` and rewrite ``sink`` in place so ``sink(reparam(x))`` is ``sink(x)``."""
+    r, b = factors.r.to(sink.weight.dtype), factors.b.to(sink.weight.dtype)
+    reparam.r.copy_(r)
+    reparam.b.copy_(b)
+    _absorb_in_sink(sink, r, b)
+
+
+def _absorb_in_sink(sink: nn.Linear, r: torch.Tensor, b: torch.Tensor) -> None:
+    """Sink half of every fold: ``W' = W·diag(r)``, ``bias' = bias + W'·b``, so ``W'(x/r - b) + bias' = Wx + bias``."""
     sink.weight.mul_(r)
     ensure_bias(sink).add_(sink.weight @ b)
 

@@ -54,16 +54,19 @@ REFERENCES = {
     ),
 }
 
-# (row label, config or None for float, mixed precision?). "reparam" is RepQ-ViT's post-LayerNorm
-# reparameterization (lrpq's default); "CRL k=2" adds the clipping of channel scales to mean ± 2·std.
+# (row label, config or None for float, mixed precision?). "LN reparam" is RepQ-ViT's post-LayerNorm
+# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2
+# (lrpq's default); "CRL k=2" clips the channel scales of both to mean ± 2·std.
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("float", None, False),
     ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), False),
     ("W8A8 reparam", QuantConfig(8, 8), False),
-    ("W6A6 no reparam", QuantConfig(6, 6, crl=False), False),
+    ("W6A6 no reparam", QuantConfig(6, 6, crl=False, post_gelu_reparam=False), False),
+    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, post_gelu_reparam=False), False),
     ("W6A6 reparam", QuantConfig(6, 6), False),
     ("W6A6 reparam, mixed", QuantConfig(6, 6), True),
-    ("W4A4 no reparam", QuantConfig(4, 4, crl=False), False),
+    ("W4A4 no reparam", QuantConfig(4, 4, crl=False, post_gelu_reparam=False), False),
+    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, post_gelu_reparam=False), False),
     ("W4A4 reparam", QuantConfig(4, 4), False),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), False),
     ("W4A4 reparam, mixed", QuantConfig(4, 4), True),
@@ -71,16 +74,24 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
 
 
 def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int, done: dict) -> Iterator[dict]:
-    """Top-1 of every row not already in ``done``, yielding all rows after each one (keyed by label, so an
-    interrupted run resumes; resume with the same ``--limit``)."""
+    """Top-1 of every row not already in ``done``, yielding all rows after each one.
+
+    Rows are keyed by label, so an interrupted run resumes; a stored row is reused only if it was
+    measured with the same configuration, image limit and relevance images, and re-run otherwise.
+    """
     spec = resolve_model(str(ref.card))
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
     relevance_set = load_calibration_images(
         draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
     )
-    rows = dict(done)
+    rows = {label: row for label, row in done.items() if label in {row_label for row_label, _, _ in ROWS}}
     for label, config, mixed in ROWS:
-        if label in rows:
+        setting = {
+            "config": config.to_json_dict() if config is not None else None,
+            "limit": limit,
+            "relevance_images": relevance_images if mixed else None,
+        }
+        if label in rows and rows[label].get("setting") == setting:
             continue
         torch.manual_seed(seed)
         model = build_model(spec)
@@ -95,7 +106,12 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
         seconds = time.perf_counter() - started
         loader = make_loader(ref.data / "dev", spec.data_config, spec.classes, model.num_classes, 100, limit)
         result = evaluate(model, loader)
-        rows[label] = {**result.to_json_dict(), "quantize_seconds": round(seconds, 1), "plan": plan_mean}
+        rows[label] = {
+            **result.to_json_dict(),
+            "quantize_seconds": round(seconds, 1),
+            "plan": plan_mean,
+            "setting": setting,
+        }
         print(f"{ref.label:<28} {label:<34} top-1 {result.top1:6.2f}%", flush=True)
         yield rows
 

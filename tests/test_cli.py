@@ -166,6 +166,18 @@ def test_existing_out_folder(workspace: dict[str, Path], capsys: pytest.CaptureF
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_no_reparam_flags_reach_the_saved_config(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace["root"] / "plain"
+    status, _, err = run_cli(quantize_args(workspace, "--no-crl", "--no-gelu-reparam", "--out", run), capsys)
+    assert status == 0, err
+    config = json.loads((run / "config.json").read_text())["quant"]
+    assert (config["crl"], config["post_gelu_reparam"]) == (False, False)
+    model, _, _ = load_run(run)
+    assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())
+
+
 def reference_top1(run: Path, data: Path) -> float:
     """Top-1 of the run's quantized model, with timm's own transform and a plain loop (no lrpq.data)."""
     model, _, _ = load_run(run)

@@ -10,7 +10,14 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 import lrpq.regions
-from lrpq.regions import Region, RegionError, find_regions, register_regions
+from lrpq.regions import (
+    Region,
+    RegionError,
+    find_activation_sinks,
+    find_regions,
+    register_activation_regions,
+    register_regions,
+)
 
 
 def test_vit_regions_are_norm1_to_qkv_and_norm2_to_fc1() -> None:
@@ -86,6 +93,24 @@ class NormLinearBlock(nn.Module):
 @pytest.fixture
 def isolated_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lrpq.regions, "_REGION_RULES", dict(lrpq.regions._REGION_RULES))
+    monkeypatch.setattr(lrpq.regions, "_ACTIVATION_RULES", dict(lrpq.regions._ACTIVATION_RULES))
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "swin"])
+def test_every_mlp_fc2_is_an_activation_sink(family: str) -> None:
+    model = build_tiny(family)
+    expected = [
+        name.removesuffix(".act") + ".fc2" for name, module in model.named_modules() if isinstance(module, nn.GELU)
+    ]
+    assert expected and find_activation_sinks(model) == expected
+
+
+def test_mlp_with_a_norm_before_fc2_has_no_activation_sink() -> None:
+    # timm's scale_mlp_norm puts a LayerNorm between the activation and fc2: GELU is not its source.
+    from timm.layers import Mlp
+
+    assert find_activation_sinks(Mlp(8, 16, norm_layer=nn.LayerNorm)) == []
+    assert find_activation_sinks(Mlp(8, 16)) == ["fc2"]
 
 
 @pytest.mark.usefixtures("isolated_rules")
@@ -96,6 +121,14 @@ def test_register_regions_for_a_custom_block() -> None:
     assert find_regions(model) == [Region("1.pre", "1.inner.0")]
     # The block itself as the model: names relative to it, with no leading dot.
     assert find_regions(model[1]) == [Region("pre", "inner.0")]
+
+
+@pytest.mark.usefixtures("isolated_rules")
+def test_register_activation_regions_for_a_custom_block() -> None:
+    block = NormLinearBlock(nn.SiLU(), nn.Linear(8, 2))
+    assert find_activation_sinks(block) == []
+    register_activation_regions(NormLinearBlock, lambda block: [("pre", "inner.0")])
+    assert find_activation_sinks(nn.Sequential(block)) == ["0.inner.0"]
 
 
 @pytest.mark.usefixtures("isolated_rules")

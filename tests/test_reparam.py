@@ -13,7 +13,14 @@ from torch import nn
 from lrpq.api import quantize, set_mode
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
-from lrpq.reparam import clip_to_mean_std, ensure_bias, fold_into_norm_and_sink, layerwise_fold_factors
+from lrpq.reparam import (
+    InputReparam,
+    clip_to_mean_std,
+    ensure_bias,
+    fold_into_norm_and_sink,
+    fold_into_sink,
+    layerwise_fold_factors,
+)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -106,6 +113,28 @@ def test_folding_preserves_linear_of_norm(clip_k: float | None, bias: bool) -> N
         torch.testing.assert_close(norm(x), normed / factors.r - factors.b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("clip_k", [None, 2.0])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_folding_into_the_sink_input_preserves_linear_of_gelu(clip_k: float | None, bias: bool) -> None:
+    torch.manual_seed(4)
+    linear = nn.Linear(24, 10, bias=bias)
+    hidden = nn.functional.gelu(torch.randn(7, 5, 24) * torch.linspace(0.1, 6, 24))  # channel ranges differ
+    reparam = InputReparam(24)
+    with torch.no_grad():
+        expected = linear(hidden)
+        assert torch.equal(reparam(hidden), hidden)  # identity until a fold fills it in
+    generator = torch.Generator().manual_seed(5)
+    factors = layerwise_fold_factors(
+        torch.rand(24, generator=generator) * 0.5 + 0.01,
+        torch.randint(0, 16, (24,), generator=generator).float(),
+        clip_k,
+    )
+    fold_into_sink(reparam, linear, factors)
+    with torch.no_grad():
+        assert relative_error(linear(reparam(hidden)), expected) < 1e-5
+        torch.testing.assert_close(reparam(hidden), hidden / factors.r - factors.b, rtol=1e-5, atol=1e-5)
+
+
 def test_ensure_bias_adds_a_zero_bias_only_when_missing() -> None:
     linear = nn.Linear(4, 3, bias=False)
     bias = ensure_bias(linear)
@@ -153,6 +182,10 @@ def test_quantize_with_crl_then_off_is_the_float_model(make_model, family: str, 
     model = quantize(copy.deepcopy(float_model), QuantConfig(wbits=4, abits=4, clip_k=clip_k), calib, progress=False)
     norm_name = "blocks.0.norm1" if family == "vit" else "layers.0.blocks.0.norm2"
     assert not torch.equal(model.get_submodule(norm_name).weight, float_model.get_submodule(norm_name).weight)
+    fc2_name = "blocks.0.mlp.fc2" if family == "vit" else "layers.0.blocks.0.mlp.fc2"
+    assert not torch.equal(
+        model.get_submodule(fc2_name).input_reparam.r, torch.ones_like(model.get_submodule(fc2_name).input_reparam.r)
+    )
     set_mode(model, QuantMode.OFF)
     with torch.no_grad():
         assert relative_error(model(check), float_model(check)) < 1e-5
