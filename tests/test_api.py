@@ -233,23 +233,32 @@ def test_layers_are_replaced_in_place() -> None:
     assert isinstance(model.blocks[1].mlp.fc2, QuantLinear)
 
 
-@pytest.mark.shared
-def test_reference_model_w4a4_repq_crl_beats_the_naive_floor(shared_dir: Path) -> None:
-    """On real trained weights (ref-A), RepQ + CRL must clearly beat per-tensor min-max at W4A4."""
+def reference_snrs(
+    shared_dir: Path, model: str, data: str, calib_images: int, every: int, configs: dict[str, QuantConfig]
+) -> dict[str, float]:
+    """Logit SNR of each config on a shared reference model: seed-0 calibration draw, every n-th dev image."""
     from lrpq.data import draw_calibration_set, list_images, load_calibration_images
     from lrpq.models import build_model, resolve_model
 
-    spec = resolve_model(str(shared_dir / "models" / "vit_cifar10.json"))
+    spec = resolve_model(str(shared_dir / "models" / f"{model}.json"))
     float_model = build_model(spec)
-    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/cifar10/calib", 4, 0), spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data/cifar10/dev")][::250]
+    calib_paths = draw_calibration_set(shared_dir / "data" / data / "calib", calib_images, 0)
+    calib = load_calibration_images(calib_paths, spec.data_config)
+    dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
     x = load_calibration_images(dev, spec.data_config)
     with torch.no_grad():
         reference = float_model(x)
-        snr = {
+        return {
             name: snr_db(reference, quantize(copy.deepcopy(float_model), config, calib, progress=False)(x))
-            for name, config in (("crl", QuantConfig(wbits=4, abits=4)), ("naive", QuantConfig.naive(4, 4)))
+            for name, config in configs.items()
         }
+
+
+@pytest.mark.shared
+def test_reference_model_w4a4_repq_crl_beats_the_naive_floor(shared_dir: Path) -> None:
+    """On real trained weights (ref-A), RepQ + CRL must clearly beat per-tensor min-max at W4A4."""
+    configs = {"crl": QuantConfig(wbits=4, abits=4), "naive": QuantConfig.naive(4, 4)}
+    snr = reference_snrs(shared_dir, "vit_cifar10", "cifar10", 4, 250, configs)
     assert snr["crl"] > snr["naive"] + 3.0, snr  # twice less noise power at least
 
 
@@ -257,24 +266,7 @@ def test_reference_model_w4a4_repq_crl_beats_the_naive_floor(shared_dir: Path) -
 def test_reference_dinov2_w6a6_needs_the_post_gelu_fold(shared_dir: Path) -> None:
     """On ref-B (DINOv2 ViT-S/14) a few fc2-input channels reach 15 while the rest stay below 4; folding
     their ranges into fc2 must remove much of the W6A6 logit noise that one shared range causes."""
-    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
-    from lrpq.models import build_model, resolve_model
-
-    spec = resolve_model(str(shared_dir / "models" / "vits14_imagenette.json"))
-    float_model = build_model(spec)
-    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/imagenette/calib", 8, 0), spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data/imagenette/dev")][::75]
-    x = load_calibration_images(dev, spec.data_config)
-    with torch.no_grad():
-        reference = float_model(x)
-        snr = {
-            fold: snr_db(
-                reference,
-                quantize(copy.deepcopy(float_model), QuantConfig(6, 6, post_gelu_reparam=fold), calib, progress=False)(
-                    x
-                ),
-            )
-            for fold in (True, False)
-        }
+    configs = {"fold": QuantConfig(6, 6), "no fold": QuantConfig(6, 6, post_gelu_reparam=False)}
+    snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs)
     # Measured 11.7 dB with the fold against 7.2 dB without (12.2 / 6.9 dB with 32 images on 60).
-    assert snr[True] > snr[False] + 3.0, snr  # at least half the noise power gone
+    assert snr["fold"] > snr["no fold"] + 3.0, snr  # at least half the noise power gone

@@ -14,6 +14,7 @@ from lrpq.api import quantize, set_mode
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
+    FoldFactors,
     InputReparam,
     clip_to_mean_std,
     ensure_bias,
@@ -92,6 +93,16 @@ def random_norm_and_linear(channels: int, out: int, bias: bool, seed: int) -> tu
     return norm, linear
 
 
+def random_fold_factors(channels: int, clip_k: float | None, seed: int) -> FoldFactors:
+    """Factors of random channel scales and integer zero points, as a channel-wise calibration gives."""
+    generator = torch.Generator().manual_seed(seed)
+    return layerwise_fold_factors(
+        torch.rand(channels, generator=generator) * 0.5 + 0.01,
+        torch.randint(0, 16, (channels,), generator=generator).float(),
+        clip_k,
+    )
+
+
 @pytest.mark.parametrize("clip_k", [None, 0.5, 2.0])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_folding_preserves_linear_of_norm(clip_k: float | None, bias: bool) -> None:
@@ -99,12 +110,7 @@ def test_folding_preserves_linear_of_norm(clip_k: float | None, bias: bool) -> N
     x = torch.randn(7, 5, 24) * 3 + 1
     with torch.no_grad():
         expected, normed = linear(norm(x)), norm(x)
-    generator = torch.Generator().manual_seed(2)
-    factors = layerwise_fold_factors(
-        torch.rand(24, generator=generator) * 0.5 + 0.01,
-        torch.randint(0, 16, (24,), generator=generator).float(),
-        clip_k,
-    )
+    factors = random_fold_factors(24, clip_k, seed=2)
     fold_into_norm_and_sink(norm, linear, factors)
     assert linear.bias is not None
     with torch.no_grad():
@@ -123,12 +129,7 @@ def test_folding_into_the_sink_input_preserves_linear_of_gelu(clip_k: float | No
     with torch.no_grad():
         expected = linear(hidden)
         assert torch.equal(reparam(hidden), hidden)  # identity until a fold fills it in
-    generator = torch.Generator().manual_seed(5)
-    factors = layerwise_fold_factors(
-        torch.rand(24, generator=generator) * 0.5 + 0.01,
-        torch.randint(0, 16, (24,), generator=generator).float(),
-        clip_k,
-    )
+    factors = random_fold_factors(24, clip_k, seed=5)
     fold_into_sink(reparam, linear, factors)
     with torch.no_grad():
         assert relative_error(linear(reparam(hidden)), expected) < 1e-5
