@@ -1,8 +1,8 @@
 """One call from a float timm model to a fake-quantized one: ``quantize(model, config, calib)``.
 
 Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe post-LN and post-GELU
-activations channel-wise → fold CRL-clipped channel factors into LayerNorm (or the sink's input
-reparameterization) and sink (``reparam``) → calibrate
+activations channel-wise and key ranges → fold CRL-clipped channel factors into LayerNorm (or the
+sink's input reparameterization) and sink, centre the keys (``reparam``) → calibrate
 weights on the folded values → observe every activation quantizer → ``convert`` (log√2 → log2) →
 QUANT. ``prepare`` followed by ``convert`` builds the same module tree without data, which is how a
 saved run is loaded back.
@@ -17,13 +17,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.calibrate import calibration, observe_channels
+from lrpq.calibrate import calibration, observe_channels, observe_outputs
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
+from lrpq.observers import ChannelRange
 from lrpq.quantizers import FakeQuantizer, LogSqrt2Quantizer, QuantMode
 from lrpq.regions import Region, find_activation_sinks, find_regions
-from lrpq.reparam import FoldFactors, ensure_bias, fold_into_norm_and_sink, fold_into_sink, layerwise_fold_factors
+from lrpq.reparam import (
+    FoldFactors,
+    ensure_bias,
+    fold_into_norm_and_sink,
+    fold_into_sink,
+    layerwise_fold_factors,
+    shift_keys,
+)
 
 QuantLayer = QuantLinear | QuantConv2d | QuantMatMul
 
@@ -46,6 +54,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     if config.post_gelu_reparam:
         for sink in find_activation_sinks(model):
             model.get_submodule(sink).add_input_reparam()
+    if config.center_keys:
+        for attention in shiftable_attentions(model).values():
+            ensure_bias(attention.qkv)
     unknown = set(config.bit_plan.layers) - set(quant_layers(model))
     if unknown:
         raise LrpqError(
@@ -68,6 +79,11 @@ def _replace(parent: nn.Module, prefix: str, config: QuantConfig) -> None:
                 setattr(parent, child_name, replacement)
                 continue
         _replace(child, f"{name}.", config)
+
+
+def shiftable_attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized attention modules whose keys can be shifted through their qkv bias, by name."""
+    return {name: module for name, module in model.named_modules() if getattr(module, "key_channels", None) is not None}
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
@@ -133,16 +149,22 @@ def _reparameterize(
     model: nn.Module,
     regions: list[Region],
     activation_sinks: list[str],
+    attentions: dict[str, nn.Module],
     config: QuantConfig,
     calib: CalibData,
     batch_size: int,
     run: BatchRunner,
     progress: bool,
 ) -> None:
-    """Observe every sink's input channel-wise in one pass, then fold each sink's factors."""
+    """Observe every sink's input channel-wise and every qkv output's range in one pass, then fold.
+
+    The folds keep the float function, so the key ranges seen before them are the ones after them.
+    """
     sinks = {name: model.get_submodule(name) for name in [region.sink for region in regions] + activation_sinks}
     bits = {name: sink.input_quantizer.bits for name, sink in sinks.items()}
-    with observe_channels(sinks, bits, config.percentiles) as observers:
+    qkvs = {name: attention.qkv for name, attention in attentions.items()}
+    key_ranges = {name: ChannelRange(f"{name}.qkv output") for name in attentions}
+    with observe_channels(sinks, bits, config.percentiles) as observers, observe_outputs(qkvs, key_ranges):
         _run(model, calib, batch_size, run, "channel stats", progress)
 
     def factors(sink: str) -> FoldFactors:
@@ -153,6 +175,9 @@ def _reparameterize(
         fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], factors(region.sink))
     for sink in activation_sinks:
         fold_into_sink(sinks[sink].input_reparam, sinks[sink], factors(sink))
+    for name, attention in attentions.items():
+        keys = attention.key_channels
+        shift_keys(attention.qkv, keys, key_ranges[name].midpoint()[keys])
 
 
 @torch.no_grad()
@@ -175,8 +200,9 @@ def quantize(
     prepare(model, config)
     regions = find_regions(model) if config.crl else []
     activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
-    if regions or activation_sinks:
-        _reparameterize(model, regions, activation_sinks, config, calib, batch_size, run, progress)
+    attentions = shiftable_attentions(model) if config.center_keys else {}
+    if regions or activation_sinks or attentions:
+        _reparameterize(model, regions, activation_sinks, attentions, config, calib, batch_size, run, progress)
     for layer in quant_layers(model).values():
         if isinstance(layer, QuantLinear | QuantConv2d):
             layer.weight_quantizer.calibrate_from(layer.weight)

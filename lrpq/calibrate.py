@@ -2,17 +2,20 @@
 
 ``calibration(quantizers)`` switches quantizers to OBSERVE and, on a clean exit, freezes their
 parameters and switches them to QUANT; on an exception they go back to OFF with nothing half-set.
-``observe_channels(modules)`` records per-channel input statistics of modules through forward
-pre-hooks that are removed on exit, for the reparameterization's first pass.
+``observe_channels(modules)`` records per-channel input statistics of modules, and
+``observe_outputs(modules, recorders)`` their outputs, through hooks that are removed on exit, for the
+reparameterization's first pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lrpq.observers import UniformObserver
 from lrpq.quantizers import FakeQuantizer
@@ -38,6 +41,21 @@ def calibration(quantizers: Iterable[FakeQuantizer], quantize_while_observing: b
         raise
 
 
+class Recorder(Protocol):
+    """Anything that reduces a stream of tensors batch by batch."""
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def _hooks(handles: list[RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def observe_channels(
     modules: Mapping[str, nn.Module], bits: Mapping[str, int], percentiles: tuple[float, ...]
@@ -51,9 +69,19 @@ def observe_channels(
 
         return record
 
-    handles = [module.register_forward_pre_hook(hook_for(observers[name])) for name, module in modules.items()]
-    try:
+    with _hooks([module.register_forward_pre_hook(hook_for(observers[name])) for name, module in modules.items()]):
         yield observers
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+@contextmanager
+def observe_outputs(modules: Mapping[str, nn.Module], recorders: Mapping[str, Recorder]) -> Iterator[None]:
+    """Feed each module's output to its recorder through temporary forward hooks."""
+
+    def hook_for(recorder: Recorder):
+        def record(_module: nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            recorder.update(output)
+
+        return record
+
+    with _hooks([module.register_forward_hook(hook_for(recorders[name])) for name, module in modules.items()]):
+        yield

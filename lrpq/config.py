@@ -85,14 +85,17 @@ class QuantConfig:
     shared grid (numbers in the README).
     ``conv_abits`` is the input width of Conv2d layers — in a ViT only the patch embedding, whose
     input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
-    still wins. ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the
-    same code path.
+    still wins. ``center_keys`` shifts every key channel by the centre of its calibration range
+    through the qkv bias, which softmax does not see (``lrpq.reparam``), so the per-tensor q·kᵀ
+    operand range is not spent on channel offsets. ``per_channel_weights`` and ``log_softmax``
+    exist so the naive baseline is the same code path.
     """
 
     wbits: int = 4
     abits: int = 4
     crl: bool = True
     post_gelu_reparam: bool = True
+    center_keys: bool = True
     clip_k: float | None = None
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8
@@ -109,6 +112,7 @@ class QuantConfig:
             abits,
             crl=False,
             post_gelu_reparam=False,
+            center_keys=False,
             percentiles=(1.0,),
             conv_abits=None,
             per_channel_weights=False,

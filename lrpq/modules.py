@@ -160,6 +160,11 @@ class QuantAttention(nn.Module):
         self.attn_drop, self.norm, self.gate = attn.attn_drop, attn.norm, attn.gate
         self.proj, self.proj_drop = attn.proj, attn.proj_drop
 
+    @property
+    def key_channels(self) -> slice | None:
+        """The qkv output channels that are keys, if a shift there reaches q·kᵀ unchanged (no k norm)."""
+        return slice(self.attn_dim, 2 * self.attn_dim) if isinstance(self.k_norm, nn.Identity) else None
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -189,6 +194,12 @@ class QuantWindowAttention(nn.Module):
         self.qkv = attn.qkv
         self.matmul1, self.matmul2 = _attention_matmuls(name, config)
         self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
+
+    @property
+    def key_channels(self) -> slice:
+        """The qkv output channels that are keys (qkv emits q, k, v in thirds)."""
+        dim = self.qkv.out_features // 3
+        return slice(dim, 2 * dim)
 
     def _relative_position_bias(self) -> torch.Tensor:
         """(1, heads, window_area, window_area) bias gathered from the shared timm table."""
@@ -222,7 +233,8 @@ def register_attention(cls: type[nn.Module], factory: AttentionFactory) -> None:
     """Teach lrpq to quantize another attention class (e.g. mmdet's Swin ``WindowMSA``).
 
     ``factory(module, name, config)`` returns a replacement whose two products are ``QuantMatMul``
-    children called ``matmul1`` (q·kᵀ) and ``matmul2`` (attn·v).
+    children called ``matmul1`` (q·kᵀ) and ``matmul2`` (attn·v); a ``qkv`` Linear and a
+    ``key_channels`` slice (or None) let the key shift of ``QuantConfig.center_keys`` reach it.
     """
     _ATTENTION_FACTORIES[cls] = factory
 

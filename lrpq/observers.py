@@ -124,3 +124,28 @@ class LogSqrt2Observer(_CandidateObserver):
     def scale(self) -> torch.Tensor:
         _, upper = self.best_bounds()
         return torch.clamp(upper, min=1e-8)
+
+
+class ChannelRange:
+    """Running per-channel (last dim) minimum and maximum, for shifts that only need a channel's range."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._low: torch.Tensor | None = None
+        self._high: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        low, high = x.detach().reshape(-1, x.shape[-1]).float().aminmax(dim=0)
+        if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
+            raise CalibrationError(f"non-finite values (NaN/Inf) reached '{self.name}'")
+        if self._low is None:
+            self._low, self._high = low, high
+        else:
+            torch.minimum(self._low, low, out=self._low)
+            torch.maximum(self._high, high, out=self._high)
+
+    def midpoint(self) -> torch.Tensor:
+        """The centre of every channel's range: the shift that makes the largest magnitude smallest."""
+        if self._low is None:
+            raise CalibrationError(f"'{self.name}' saw no calibration data")
+        return (self._low + self._high) / 2

@@ -12,6 +12,12 @@ before computing the factors: an outlier channel then keeps part of its range in
 instead of multiplying a whole column of the next weight by a large ``r``, which would otherwise
 stretch every output channel's weight range.
 
+Keys can be shifted for free: ``softmax(q·(k - c)ᵀ)`` equals ``softmax(q·kᵀ)`` for any vector ``c``,
+because ``q·c`` adds the same number to every score of a query (relative position bias and masks
+are added per score, so they keep that property). Shifting every key channel by the centre of its
+calibration range, through the key rows of the qkv bias, removes the channel offsets that would
+otherwise widen the single per-tensor range of the q·kᵀ operand.
+
 A post-GELU activation (the input of ``mlp.fc2``) has no affine before it to absorb ``1/r`` and
 ``b``: GELU is not scale-equivariant. The sink then applies ``x / r - b`` itself on its input
 (``InputReparam``), before its per-tensor quantizer, and folds ``r`` and ``b`` into its weight and
@@ -97,6 +103,12 @@ def _absorb_in_sink(sink: nn.Linear, r: torch.Tensor, b: torch.Tensor) -> None:
     """Sink half of every fold: ``W' = W·diag(r)``, ``bias' = bias + W'·b``, so ``W'(x/r - b) + bias' = Wx + bias``."""
     sink.weight.mul_(r)
     ensure_bias(sink).add_(sink.weight @ b)
+
+
+@torch.no_grad()
+def shift_keys(qkv: nn.Linear, key_channels: slice, shift: torch.Tensor) -> None:
+    """Subtract ``shift`` from every key through the key rows of ``qkv``'s bias (softmax ignores it)."""
+    ensure_bias(qkv)[key_channels].sub_(shift.to(qkv.weight.dtype))
 
 
 def ensure_bias(linear: nn.Linear) -> nn.Parameter:

@@ -18,7 +18,7 @@ import torch
 from conftest import build_tiny, tiny_input
 from torch import nn
 
-from lrpq.api import activation_quantizers, quant_layers, quantize, quantizers
+from lrpq.api import activation_quantizers, quant_layers, quantize, quantizers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul
@@ -127,6 +127,28 @@ def test_post_gelu_reparam_folds_channel_ranges_into_fc2_only() -> None:
         copy.deepcopy(float_model), QuantConfig(8, 8, crl=False, post_gelu_reparam=False), calib, progress=False
     )
     assert unfolded.blocks[0].mlp.fc2.input_reparam is None
+
+
+def test_center_keys_puts_every_key_channel_range_around_zero() -> None:
+    float_model = build_tiny("vit")
+    with torch.no_grad():  # give the keys channel offsets far larger than their spread
+        float_model.blocks[0].attn.qkv.bias[48:96] += torch.linspace(-6.0, 6.0, 48)
+    calib = tiny_input("vit", 4)
+
+    def key_midpoints(config: QuantConfig) -> torch.Tensor:
+        model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+        set_mode(model, QuantMode.OFF)  # the keys the float function computes on the calibration images
+        seen = {}
+        model.blocks[0].attn.matmul1.register_forward_pre_hook(lambda _m, args: seen.update(k=args[1]))
+        with torch.no_grad():
+            model(calib)
+        keys = seen["k"].transpose(-2, -1)  # (batch, heads, tokens, head_dim)
+        keys = keys.permute(0, 2, 1, 3).reshape(-1, 48)  # channel = head·head_dim + d, as in the qkv output
+        return (keys.amin(0) + keys.amax(0)) / 2
+
+    centred = key_midpoints(QuantConfig(8, 8))
+    assert centred.abs().max() < 1e-4
+    assert key_midpoints(QuantConfig(8, 8, center_keys=False)).abs().max() > 3.0
 
 
 def test_bit_plan_overrides_apply_to_the_named_layers() -> None:
@@ -270,3 +292,27 @@ def test_reference_dinov2_w6a6_needs_the_post_gelu_fold(shared_dir: Path) -> Non
     snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs)
     # Measured 11.7 dB with the fold against 7.2 dB without (12.2 / 6.9 dB with 32 images on 60).
     assert snr["fold"] > snr["no fold"] + 3.0, snr  # at least half the noise power gone
+
+
+@pytest.mark.shared
+def test_reference_dinov2_keys_need_centring(shared_dir: Path) -> None:
+    """ref-B's keys carry channel offsets: with only the q·kᵀ key operands quantized at 6 bits the logit
+    SNR was 18 dB uncentred and 29 dB centred (150 dev images); demand a clear share of that."""
+    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
+    from lrpq.models import build_model, resolve_model
+
+    spec = resolve_model(str(shared_dir / "models" / "vits14_imagenette.json"))
+    float_model = build_model(spec)
+    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/imagenette/calib", 8, 0), spec.data_config)
+    dev = [path for path, _ in list_images(shared_dir / "data/imagenette/dev")][::75]
+    x = load_calibration_images(dev, spec.data_config)
+    with torch.no_grad():
+        reference = float_model(x)
+    snr = {}
+    for centred in (True, False):
+        model = quantize(copy.deepcopy(float_model), QuantConfig(6, 6, center_keys=centred), calib, progress=False)
+        for name, quantizer in quantizers(model).items():
+            quantizer.mode = QuantMode.QUANT if name.endswith("matmul1.b") else QuantMode.OFF
+        with torch.no_grad():
+            snr[centred] = snr_db(reference, model(x))
+    assert snr[True] > snr[False] + 6.0, snr  # a quarter of the noise power at most

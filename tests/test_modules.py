@@ -173,3 +173,15 @@ def test_register_attention_teaches_lrpq_a_new_attention(monkeypatch: pytest.Mon
         out, ref = quantized(x), float_model(x)
     assert not torch.equal(out, ref)
     assert (out - ref).norm() < 0.1 * ref.norm()
+
+
+def test_key_channels_are_the_middle_third_of_qkv_unless_keys_are_normalised() -> None:
+    config = QuantConfig()
+    plain = lrpq.modules.QuantAttention(Attention(48, num_heads=2), "attn", config)
+    assert plain.key_channels == slice(48, 96)
+    normed = lrpq.modules.QuantAttention(
+        Attention(48, num_heads=2, qk_norm=True, norm_layer=nn.LayerNorm), "attn", config
+    )
+    assert normed.key_channels is None  # a shift before LayerNorm(k) would not reach q·kᵀ unchanged
+    window = build_tiny("swin").layers[0].blocks[0].attn
+    assert lrpq.modules.QuantWindowAttention(window, "attn", config).key_channels == slice(24, 48)

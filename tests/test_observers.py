@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrpq.observers import CalibrationError, LogSqrt2Observer, UniformObserver
+from lrpq.observers import CalibrationError, ChannelRange, LogSqrt2Observer, UniformObserver
 
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 
@@ -173,3 +173,21 @@ def test_no_data_raises() -> None:
         observer.best_bounds()
     with pytest.raises(CalibrationError, match=r"'softmax'"):
         LogSqrt2Observer("softmax", 4, PERCENTILES).scale()
+
+
+def test_channel_range_tracks_min_and_max_across_batches() -> None:
+    tracker = ChannelRange("qkv output")
+    tracker.update(torch.tensor([[[1.0, -2.0, 5.0], [3.0, 0.0, 5.0]]]))
+    tracker.update(torch.tensor([[-1.0, 4.0, 5.0]]))
+    assert tracker.midpoint().tolist() == [1.0, 1.0, 5.0]  # ranges [-1, 3], [-2, 4], [5, 5]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_channel_range_rejects_non_finite_values(bad: float) -> None:
+    with pytest.raises(CalibrationError, match="qkv output"):
+        ChannelRange("qkv output").update(torch.tensor([[0.0, bad]]))
+
+
+def test_channel_range_without_data_raises() -> None:
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        ChannelRange("qkv output").midpoint()

@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, build_tiny, tiny_input
 from torch import nn
 
-from lrpq.api import quantize, set_mode
+from lrpq.api import prepare, quantize, set_mode, shiftable_attentions
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
@@ -21,6 +21,7 @@ from lrpq.reparam import (
     fold_into_norm_and_sink,
     fold_into_sink,
     layerwise_fold_factors,
+    shift_keys,
 )
 
 
@@ -134,6 +135,25 @@ def test_folding_into_the_sink_input_preserves_linear_of_gelu(clip_k: float | No
     with torch.no_grad():
         assert relative_error(linear(reparam(hidden)), expected) < 1e-5
         torch.testing.assert_close(reparam(hidden), hidden / factors.r - factors.b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "swin"])
+def test_shifting_keys_by_any_vector_leaves_the_model_unchanged(family: str) -> None:
+    """softmax(q·(k - c)ᵀ) = softmax(q·kᵀ): q·c is one number per query, also under Swin's bias and shift mask."""
+    float_model = build_tiny(family)
+    model = prepare(copy.deepcopy(float_model), QuantConfig())
+    generator = torch.Generator().manual_seed(7)
+    attentions = shiftable_attentions(model)
+    assert attentions
+    for attention in attentions.values():
+        keys = attention.key_channels
+        before = attention.qkv.bias.detach().clone()
+        shift_keys(attention.qkv, keys, torch.randn(keys.stop - keys.start, generator=generator) * 5)
+        changed = (attention.qkv.bias != before).nonzero().squeeze(1)
+        assert changed.min() >= keys.start and changed.max() < keys.stop  # queries and values untouched
+    x = tiny_input(family, batch=3, seed=4)
+    with torch.no_grad():
+        assert relative_error(model(x), float_model(x)) < 1e-5
 
 
 def test_ensure_bias_adds_a_zero_bias_only_when_missing() -> None:
