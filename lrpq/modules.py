@@ -90,10 +90,11 @@ class QuantLinear(nn.Linear):
         return self.input_reparam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_reparam is not None:
-            x = self.input_reparam(x)
-        weight = self._weight_cache.get(self.weight, self.weight_quantizer)
-        return F.linear(self.input_quantizer(x), weight, self.bias)
+        if self.input_reparam is not None:  # a fresh tensor of this layer's: quantize it in place
+            x = self.input_quantizer(self.input_reparam(x), overwrite=True)
+        else:
+            x = self.input_quantizer(x)
+        return F.linear(x, self._weight_cache.get(self.weight, self.weight_quantizer), self.bias)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -133,8 +134,9 @@ class QuantMatMul(nn.Module):
             self.a_quantizer = UniformQuantizer(f"{name}.a", abits, percentiles)
         self.b_quantizer = UniformQuantizer(f"{name}.b", abits, percentiles)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.a_quantizer(a) @ self.b_quantizer(b)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, *, a_owned: bool = False) -> torch.Tensor:
+        """``a_owned``: ``a`` is the caller's own intermediate, which may be quantized in place."""
+        return self.a_quantizer(a, overwrite=a_owned) @ self.b_quantizer(b)
 
 
 def _attention_matmuls(name: str, config: QuantConfig) -> tuple[QuantMatMul, QuantMatMul]:
@@ -171,10 +173,10 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        scores = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        scores = self.matmul1(q * self.scale, k.transpose(-2, -1), a_owned=True)
         scores = maybe_add_mask(scores, resolve_self_attn_mask(tokens, scores, attn_mask, is_causal))
         attn = self.attn_drop(scores.softmax(dim=-1))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
+        x = self.matmul2(attn, v, a_owned=True).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
@@ -210,14 +212,14 @@ class QuantWindowAttention(nn.Module):
         windows, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        scores = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        scores = self.matmul1(q * self.scale, k.transpose(-2, -1), a_owned=True)
         scores = scores + self._relative_position_bias()
         if mask is not None:
             num_win = mask.shape[0]
             scores = scores.view(-1, num_win, self.num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
             scores = scores.view(-1, self.num_heads, tokens, tokens)
         attn = self.attn_drop(scores.softmax(dim=-1))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(windows, tokens, -1)
+        x = self.matmul2(attn, v, a_owned=True).transpose(1, 2).reshape(windows, tokens, -1)
         return self.proj_drop(self.proj(x))
 
 

@@ -45,9 +45,12 @@ def fake_quant_uniform(
     of six of each, which is most of the cost of fake-quant inference on large activations. A single
     zero point clamps with number bounds, which ATen runs about ten times faster than tensor bounds.
     ``out`` (shaped like the result) lets a caller that evaluates many grids reuse one buffer.
+    ``x / scale`` is taken as ``x · (1 / scale)``: a vector division costs several multiplications
+    on a CPU, and the two differ by at most one rounding of the quotient, so a code can change only
+    for a value within an ulp of a rounding boundary, which calibration and inference share anyway.
     """
     levels = 2**bits - 1
-    codes = torch.div(x, scale, out=out).round_()
+    codes = torch.mul(x, scale.reciprocal(), out=out).round_()
     if zero_point.numel() == 1:
         low = -float(zero_point)
         codes.clamp_(low, levels + low)
@@ -63,7 +66,7 @@ def _codes_of_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _log_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Log√2 codes of ``x / scale`` clamped to [0, 2^b], on one buffer; 2^b marks underflow."""
-    return _codes_of_ratio(torch.div(x, scale), bits)
+    return _codes_of_ratio(torch.mul(x, scale.reciprocal()), bits)
 
 
 def quantize_log_sqrt2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +91,7 @@ def _log_grid_values(
     scale: torch.Tensor,
     bits: int,
     dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` on a log grid whose levels ``dequantize(codes, underflow, scale)`` gives.
 
@@ -96,10 +100,11 @@ def _log_grid_values(
     passes over ``x`` and two allocations, where the formula takes 13 (log√2) or 21 (log2 form) of
     each, on post-softmax attention, the largest activation of a ViT. (``torch.bucketize`` on
     precomputed bounds takes three passes, but in deit_s inference its binary search made the whole
-    model slower on an idle machine and no faster on a loaded one.)
+    model slower on an idle machine and no faster on a loaded one.) ``out`` (contiguous, shaped like
+    ``x``, possibly ``x`` itself) holds the codes instead of a fresh buffer.
     """
     top = 2**bits
-    codes = _codes_of_ratio(torch.div(x, scale).contiguous(), bits)
+    codes = _codes_of_ratio(torch.mul(x, scale.reciprocal(), out=out).contiguous(), bits)
     if scale.numel() != 1:
         return dequantize(codes.clamp(max=top - 1), codes == top, scale)
     levels = torch.arange(top, dtype=codes.dtype, device=codes.device)
@@ -111,9 +116,11 @@ def _log_grid_values(
     return torch.index_select(table, 0, index, out=codes.view(-1)).view(codes.shape)
 
 
-def fake_quant_log_sqrt2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_log_sqrt2(
+    x: torch.Tensor, scale: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log√2 fake quantization used while calibrating post-softmax activations."""
-    return _log_grid_values(x, scale, bits, dequantize_log_sqrt2)
+    return _log_grid_values(x, scale, bits, dequantize_log_sqrt2, out)
 
 
 def log2_shift_form(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +148,11 @@ def _dequantize_log2_codes(codes: torch.Tensor, underflow: torch.Tensor, scale: 
     return dequantize_log2(shift, parity, underflow, scale)
 
 
-def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_log2(
+    x: torch.Tensor, scale: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log√2 quantization evaluated through its log2 (shift + parity) form; equal to the log√2 values."""
-    return _log_grid_values(x, scale, bits, _dequantize_log2_codes)
+    return _log_grid_values(x, scale, bits, _dequantize_log2_codes, out)
 
 
 _PIECES = 64

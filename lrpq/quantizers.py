@@ -34,9 +34,16 @@ class FakeQuantizer(nn.Module):
         self.mode = QuantMode.OFF
         self.observer: UniformObserver | LogSqrt2Observer | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+        """``overwrite``: the caller owns ``x`` and lets frozen parameters quantize it in place.
+
+        A fresh buffer of a large activation costs more than the arithmetic (its pages are mapped
+        on first touch), so layers pass their own intermediates (scaled queries, attention
+        probabilities, reparameterized inputs) to be overwritten at inference.
+        """
         if self.mode is QuantMode.QUANT:
-            return self.fake_quant(x)
+            in_place = overwrite and not x.requires_grad and x.is_contiguous()
+            return self.fake_quant(x, out=x if in_place else None)
         if self.mode is QuantMode.OFF:
             return x
         if self.observer is None:
@@ -70,7 +77,7 @@ class FakeQuantizer(nn.Module):
     def load_observer(self, observer: UniformObserver | LogSqrt2Observer) -> None:
         raise NotImplementedError
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -114,8 +121,8 @@ class UniformQuantizer(FakeQuantizer):
         self.observer.update(x)
         self.finish_observing()
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out)
 
 
 class LogSqrt2Quantizer(FakeQuantizer):
@@ -135,8 +142,8 @@ class LogSqrt2Quantizer(FakeQuantizer):
     def load_observer(self, observer: LogSqrt2Observer) -> None:
         self.scale.copy_(observer.scale())
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_log_sqrt2(x, self.scale, self.bits)
+    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return fake_quant_log_sqrt2(x, self.scale, self.bits, out=out)
 
     def to_log2(self) -> Log2Quantizer:
         log2 = Log2Quantizer(self.name, self.bits, self.percentiles)
@@ -155,5 +162,5 @@ class Log2Quantizer(FakeQuantizer):
     def make_observer(self) -> LogSqrt2Observer:
         raise RuntimeError(f"'{self.name}' is already in log2 inference form; calibrate before converting")
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_log2(x, self.scale, self.bits)
+    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return fake_quant_log2(x, self.scale, self.bits, out=out)

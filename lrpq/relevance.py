@@ -68,8 +68,8 @@ def safe_divide(numerator: Tensor, denominator: Tensor, eps: float = EPSILON) ->
     Relevance ratios R/z blow up where a pre-activation z is tiny; the stabiliser bounds them and
     the zero case drops relevance that no input produced.
     """
-    stabilised = denominator + torch.where(denominator >= 0, eps, -eps)
-    return numerator / stabilised * (denominator != 0)
+    stabilised = torch.copysign(denominator.new_tensor(eps), denominator).add_(denominator)
+    return torch.div(numerator, stabilised).masked_fill_(denominator == 0, 0.0)
 
 
 def zplus_relevance(op: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: Tensor, r: Tensor) -> Tensor:
@@ -85,6 +85,19 @@ def zplus_relevance(op: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: T
         z = op(pos_x, weight.clamp(min=0)) + op(neg_x, weight.clamp(max=0))
         grad_pos, grad_neg = torch.autograd.grad(z, (pos_x, neg_x), safe_divide(r, z.detach()))
     return pos_x.detach() * grad_pos + neg_x.detach() * grad_neg
+
+
+def zplus_linear(x: Tensor, weight: Tensor, r: Tensor) -> Tensor:
+    """``zplus_relevance`` of ``F.linear`` with its two vector-Jacobian products written out.
+
+    The input gradients of ``x⁺W⁺ᵀ + x⁻W⁻ᵀ`` are ``(R/z)·W⁺`` and ``(R/z)·W⁻``, so no autograd graph
+    is built; the same four products, on buffers this function owns and reuses in place.
+    """
+    x, weight = x.detach(), weight.detach()
+    pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
+    pos_x, neg_x = x.clamp(min=0), x.clamp(max=0)
+    s = safe_divide(r, F.linear(pos_x, pos_w).add_(F.linear(neg_x, neg_w)))
+    return pos_x.mul_(s @ pos_w).add_(neg_x.mul_(s @ neg_w))
 
 
 def _per_sample_sum(t: Tensor) -> Tensor:
@@ -278,7 +291,7 @@ def _sequential_rule(seq: nn.Sequential, r: Tensor, ctx: _Propagation) -> Tensor
 
 def _linear_rule(linear: nn.Linear, r: Tensor, ctx: _Propagation) -> Tensor:
     ctx.score(ctx.names[linear], ctx.output(linear), r)
-    return zplus_relevance(F.linear, ctx.input(linear), linear.weight, r)
+    return zplus_linear(ctx.input(linear), linear.weight, r)
 
 
 def _conv_rule(conv: nn.Conv2d, r: Tensor, ctx: _Propagation) -> Tensor:

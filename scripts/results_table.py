@@ -55,18 +55,23 @@ REFERENCES = {
 }
 
 # (row label, config or None for float, mixed precision?). "LN reparam" is RepQ-ViT's post-LayerNorm
-# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2
-# (lrpq's default); "CRL k=2" clips the channel scales of both to mean ± 2·std.
+# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2 and the
+# key centring of q·kᵀ (lrpq's defaults); "keys not centred" leaves the keys as they are; "CRL k=2"
+# clips the channel scales of both folds to mean ± 2·std.
+NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False}
+REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False}
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("float", None, False),
     ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), False),
     ("W8A8 reparam", QuantConfig(8, 8), False),
-    ("W6A6 no reparam", QuantConfig(6, 6, crl=False, post_gelu_reparam=False), False),
-    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, post_gelu_reparam=False), False),
+    ("W6A6 no reparam", QuantConfig(6, 6, **NO_REPARAM), False),
+    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT), False),
+    ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), False),
     ("W6A6 reparam", QuantConfig(6, 6), False),
     ("W6A6 reparam, mixed", QuantConfig(6, 6), True),
-    ("W4A4 no reparam", QuantConfig(4, 4, crl=False, post_gelu_reparam=False), False),
-    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, post_gelu_reparam=False), False),
+    ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), False),
+    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), False),
+    ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), False),
     ("W4A4 reparam", QuantConfig(4, 4), False),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), False),
     ("W4A4 reparam, mixed", QuantConfig(4, 4), True),

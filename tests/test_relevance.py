@@ -29,6 +29,8 @@ from lrpq.relevance import (
     ranking_stability,
     relevance_map,
     relevance_trace,
+    safe_divide,
+    zplus_linear,
     zplus_relevance,
 )
 from lrpq.relevance_export import write_relevance_report
@@ -84,10 +86,24 @@ def test_zplus_linear_conserves_relevance_for_nonnegative_inputs_without_bias() 
     x = torch.rand(4, 7, generator=generator)
     weight = torch.randn(5, 7, generator=generator)
     r = torch.rand(4, 5, generator=generator)
-    r_in = zplus_relevance(F.linear, x, weight, r)
+    r_in = zplus_linear(x, weight, r)
     assert r_in.shape == x.shape
     assert (r_in >= 0).all()
     torch.testing.assert_close(_sums(r_in), _sums(r), rtol=1e-5, atol=1e-6)
+
+
+def test_zplus_linear_equals_the_autograd_z_plus_rule() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 7, generator=generator)  # mixed signs: both x⁺w⁺ and x⁻w⁻ terms count
+    weight = torch.randn(5, 7, generator=generator)
+    r = torch.randn(2, 6, 5, generator=generator)
+    torch.testing.assert_close(zplus_linear(x, weight, r), zplus_relevance(F.linear, x, weight, r))
+
+
+def test_safe_divide_stabilises_away_from_zero_and_drops_exact_zeros() -> None:
+    numerator = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    denominator = torch.tensor([2.0, -2.0, 0.0, -0.0])
+    assert safe_divide(numerator, denominator, eps=1.0).tolist() == pytest.approx([1 / 3, -1 / 3, 0.0, 0.0])
 
 
 def test_zplus_conv_conserves_relevance_for_mixed_sign_inputs() -> None:
@@ -131,8 +147,8 @@ def test_zplus_equals_gradient_times_input_on_a_positive_linear_chain() -> None:
     (grad,) = torch.autograd.grad(logits[:, 1].sum(), x)
     seed = torch.zeros_like(logits)
     seed[:, 1] = logits[:, 1].detach()
-    r_hidden = zplus_relevance(F.linear, F.linear(x, w1).detach(), w2, seed)
-    r_input = zplus_relevance(F.linear, x.detach(), w1, r_hidden)
+    r_hidden = zplus_linear(F.linear(x, w1).detach(), w2, seed)
+    r_input = zplus_linear(x.detach(), w1, r_hidden)
     torch.testing.assert_close(r_input, x.detach() * grad, rtol=1e-5, atol=1e-6)
 
 
