@@ -4,8 +4,9 @@ Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe p
 activations channel-wise and key ranges → fold CRL-clipped channel factors into LayerNorm (or the
 sink's input reparameterization) and sink, centre the keys (``reparam``) → calibrate
 weights on the folded values → observe every activation quantizer → ``convert`` (log√2 → log2) →
-QUANT. ``prepare`` followed by ``convert`` builds the same module tree without data, which is how a
-saved run is loaded back.
+QUANT; with ``config.gptq`` the same pass also collects every Linear's input second moments, and
+GPTQ rounds the weights on their grids. ``prepare`` followed by ``convert`` builds the same module
+tree without data, which is how a saved run is loaded back.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.calibrate import calibration, observe_channels, observe_outputs
+from lrpq.calibrate import calibration, channel_observers, observe_inputs, observe_outputs
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
+from lrpq.gptq import SecondMoment, gptq_round
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
 from lrpq.observers import ChannelRange
 from lrpq.quantizers import FakeQuantizer, LogSqrt2Quantizer, QuantMode
@@ -50,7 +52,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     _replace(model, "", config)
     if config.crl:
         for region in find_regions(model):
-            ensure_bias(model.get_submodule(region.sink))
+            sink = model.get_submodule(region.sink)
+            ensure_bias(sink)
+            sink.input_owned = True  # a region's norm output feeds only its sink
     if config.post_gelu_reparam:
         for sink in find_activation_sinks(model):
             model.get_submodule(sink).add_input_reparam()
@@ -164,7 +168,8 @@ def _reparameterize(
     bits = {name: sink.input_quantizer.bits for name, sink in sinks.items()}
     qkvs = {name: attention.qkv for name, attention in attentions.items()}
     key_ranges = {name: ChannelRange(f"{name}.qkv output") for name in attentions}
-    with observe_channels(sinks, bits, config.percentiles) as observers, observe_outputs(qkvs, key_ranges):
+    observers = channel_observers(sinks, bits, config.percentiles)
+    with observe_inputs(sinks, observers), observe_outputs(qkvs, key_ranges):
         _run(model, calib, batch_size, run, "channel stats", progress)
 
     def factors(sink: str) -> FoldFactors:
@@ -206,6 +211,13 @@ def quantize(
     for layer in quant_layers(model).values():
         if isinstance(layer, QuantLinear | QuantConv2d):
             layer.weight_quantizer.calibrate_from(layer.weight)
-    with calibration(activation_quantizers(model), config.calibrate_on_quantized):
+    rounded = {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
+    moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()} if config.gptq else {}
+    gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
+    points = activation_quantizers(model)
+    with calibration(points, config.calibrate_on_quantized), observe_inputs(gptq_inputs, moments):
         _run(model, calib, batch_size, run, "calibration", progress)
+    for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
+        weight, grid = rounded[name].weight, rounded[name].weight_quantizer
+        weight.copy_(gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
     return convert(model)

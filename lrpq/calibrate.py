@@ -2,9 +2,9 @@
 
 ``calibration(quantizers)`` switches quantizers to OBSERVE and, on a clean exit, freezes their
 parameters and switches them to QUANT; on an exception they go back to OFF with nothing half-set.
-``observe_channels(modules)`` records per-channel input statistics of modules, and
-``observe_outputs(modules, recorders)`` their outputs, through hooks that are removed on exit, for the
-reparameterization's first pass.
+``observe_inputs(modules, recorders)`` and ``observe_outputs(modules, recorders)`` feed module inputs
+or outputs to reducers (channel observers, key ranges, GPTQ's second moments) through hooks that are
+removed on exit.
 """
 
 from __future__ import annotations
@@ -56,21 +56,25 @@ def _hooks(handles: list[RemovableHandle]) -> Iterator[None]:
             handle.remove()
 
 
-@contextmanager
-def observe_channels(
+def channel_observers(
     modules: Mapping[str, nn.Module], bits: Mapping[str, int], percentiles: tuple[float, ...]
-) -> Iterator[dict[str, UniformObserver]]:
-    """Per-channel (last dim) observers of each module's input, fed by temporary pre-hooks."""
-    observers = {name: UniformObserver(f"{name}.input", bits[name], percentiles, channel_dim=-1) for name in modules}
+) -> dict[str, UniformObserver]:
+    """Per-channel (last dim) observers of each module's input, to feed through ``observe_inputs``."""
+    return {name: UniformObserver(f"{name}.input", bits[name], percentiles, channel_dim=-1) for name in modules}
 
-    def hook_for(observer: UniformObserver):
+
+@contextmanager
+def observe_inputs(modules: Mapping[str, nn.Module], recorders: Mapping[str, Recorder]) -> Iterator[None]:
+    """Feed each module's (first) input to its recorder through temporary forward pre-hooks."""
+
+    def hook_for(recorder: Recorder):
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            observer.update(args[0])
+            recorder.update(args[0])
 
         return record
 
-    with _hooks([module.register_forward_pre_hook(hook_for(observers[name])) for name, module in modules.items()]):
-        yield observers
+    with _hooks([module.register_forward_pre_hook(hook_for(recorders[name])) for name, module in modules.items()]):
+        yield
 
 
 @contextmanager

@@ -89,6 +89,8 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         abits=abits,
         crl=not args.no_crl,
         post_gelu_reparam=not args.no_gelu_reparam,
+        center_keys=not args.no_key_centring,
+        gptq=args.gptq,
         clip_k=args.clip_k,
     )
     if args.bit_plan:
@@ -231,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--no-gelu-reparam", action="store_true", help="skip the channel fold of post-GELU activations (fc2 inputs)"
     )
+    q.add_argument(
+        "--no-key-centring", action="store_true", help="leave the keys of q·kᵀ as they are (no shift through qkv)"
+    )
+    q.add_argument("--gptq", action="store_true", help="round Linear weights by GPTQ instead of to the nearest level")
     q.add_argument(
         "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
     )

@@ -87,8 +87,10 @@ class QuantConfig:
     input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
     still wins. ``center_keys`` shifts every key channel by the centre of its calibration range
     through the qkv bias, which softmax does not see (``lrpq.reparam``), so the per-tensor q·kᵀ
-    operand range is not spent on channel offsets. ``per_channel_weights`` and ``log_softmax``
-    exist so the naive baseline is the same code path.
+    operand range is not spent on channel offsets. ``gptq`` rounds every Linear's weights on their
+    grid by GPTQ (``lrpq.gptq``) instead of to the nearest level; it is off by default, so the
+    defaults stay RepQ-ViT's rounding. ``per_channel_weights`` and ``log_softmax`` exist so the
+    naive baseline is the same code path.
     """
 
     wbits: int = 4
@@ -96,6 +98,7 @@ class QuantConfig:
     crl: bool = True
     post_gelu_reparam: bool = True
     center_keys: bool = True
+    gptq: bool = False
     clip_k: float | None = None
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8

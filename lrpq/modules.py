@@ -73,6 +73,9 @@ class QuantLinear(nn.Linear):
     """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer.
 
     A sink of an activation region also owns an ``InputReparam`` applied before its input quantizer.
+    ``input_owned`` marks a sink whose input nothing else reads (a LayerNorm region's): at inference
+    its input is quantized in place (see ``FakeQuantizer.forward``), so a hook that keeps that
+    LayerNorm's output sees the quantized values.
     """
 
     def __init__(self, linear: nn.Linear, name: str, bits: LayerBits, config: QuantConfig):
@@ -81,6 +84,7 @@ class QuantLinear(nn.Linear):
         self.bias = linear.bias
         self.input_quantizer, self.weight_quantizer = _layer_quantizers(name, bits, config, self.weight)
         self.input_reparam: InputReparam | None = None
+        self.input_owned = False
         self._weight_cache = _WeightCache()
 
     def add_input_reparam(self) -> InputReparam:
@@ -93,7 +97,7 @@ class QuantLinear(nn.Linear):
         if self.input_reparam is not None:  # a fresh tensor of this layer's: quantize it in place
             x = self.input_quantizer(self.input_reparam(x), overwrite=True)
         else:
-            x = self.input_quantizer(x)
+            x = self.input_quantizer(x, overwrite=self.input_owned)
         return F.linear(x, self._weight_cache.get(self.weight, self.weight_quantizer), self.bias)
 
 

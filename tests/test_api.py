@@ -151,6 +151,19 @@ def test_center_keys_puts_every_key_channel_range_around_zero() -> None:
     assert key_midpoints(QuantConfig(8, 8, center_keys=False)).abs().max() > 3.0
 
 
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_in_place_quantization_of_owned_inputs_changes_no_output(family: str) -> None:
+    model = quantize(build_tiny(family), QuantConfig(4, 4), tiny_input(family, 4), progress=False)
+    owned = [name for name, layer in quant_layers(model).items() if getattr(layer, "input_owned", False)]
+    assert any(name.endswith("attn.qkv") for name in owned) and any(name.endswith("mlp.fc1") for name in owned)
+    x = tiny_input(family, 3, seed=9)
+    with torch.inference_mode():
+        in_place = model(x)
+        for name in owned:
+            model.get_submodule(name).input_owned = False
+        assert torch.equal(model(x), in_place)
+
+
 def test_bit_plan_overrides_apply_to_the_named_layers() -> None:
     plan = BitPlan(
         {

@@ -1,4 +1,7 @@
-"""Calibration context managers: quantizer modes on success and failure, hooks gone on exit."""
+"""Input and output observation for the reparameterization pass: what is recorded, hooks gone on exit.
+
+The quantizer calibration context is tested with the quantizers (``test_quantizers.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrpq.calibrate import calibration, observe_channels, observe_outputs
+from lrpq.calibrate import channel_observers, observe_inputs, observe_outputs
 from lrpq.observers import ChannelRange
-from lrpq.quantizers import QuantMode, UniformQuantizer
-
-
-def test_calibration_freezes_on_success_and_resets_on_error() -> None:
-    quantizer = UniformQuantizer("x", 4, (1.0,))
-    with calibration([quantizer]):
-        quantizer(torch.tensor([-1.0, 2.0]))
-    assert quantizer.mode is QuantMode.QUANT
-    assert quantizer.scale.item() == pytest.approx(3.0 / 15)
-    fresh = UniformQuantizer("y", 4, (1.0,))
-    with pytest.raises(ValueError), calibration([fresh]):
-        raise ValueError("stop")
-    assert fresh.mode is QuantMode.OFF and fresh.observer is None
 
 
 def test_observe_channels_and_outputs_record_then_remove_their_hooks() -> None:
@@ -30,7 +20,8 @@ def test_observe_channels_and_outputs_record_then_remove_their_hooks() -> None:
         linear.bias.zero_()
     ranges = {"fc": ChannelRange("fc output")}
     x = torch.tensor([[1.0, -4.0, 9.0], [3.0, 2.0, 9.0]])
-    with observe_channels({"fc": linear}, {"fc": 8}, (1.0,)) as observers, observe_outputs({"fc": linear}, ranges):
+    observers = channel_observers({"fc": linear}, {"fc": 8}, (1.0,))
+    with observe_inputs({"fc": linear}, observers), observe_outputs({"fc": linear}, ranges):
         linear(x)
     assert not linear._forward_pre_hooks and not linear._forward_hooks
     assert ranges["fc"].midpoint().tolist() == [2.0, -1.0]  # outputs are the first two input channels

@@ -170,10 +170,11 @@ def test_no_reparam_flags_reach_the_saved_config(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = workspace["root"] / "plain"
-    status, _, err = run_cli(quantize_args(workspace, "--no-crl", "--no-gelu-reparam", "--out", run), capsys)
+    flags = ("--no-crl", "--no-gelu-reparam", "--no-key-centring")
+    status, _, err = run_cli(quantize_args(workspace, *flags, "--out", run), capsys)
     assert status == 0, err
     config = json.loads((run / "config.json").read_text())["quant"]
-    assert (config["crl"], config["post_gelu_reparam"]) == (False, False)
+    assert (config["crl"], config["post_gelu_reparam"], config["center_keys"]) == (False, False, False)
     model, _, _ = load_run(run)
     assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())
 

@@ -150,3 +150,34 @@ def test_state_dict_holds_the_parameters() -> None:
     log_quantizer, _ = calibrated_log_quantizer(4)
     assert set(log_quantizer.state_dict()) == {"scale"}
     assert set(log_quantizer.to_log2().state_dict()) == {"scale"}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: UniformQuantizer("x", 4, (1.0,)), lambda: LogSqrt2Quantizer("x", 4, (1.0,))],
+    ids=["uniform", "log_sqrt2"],
+)
+def test_overwrite_quantizes_in_place_with_the_same_values(make) -> None:
+    quantizer = make()
+    x = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    with calibration([quantizer]):
+        quantizer(x)
+    expected = quantizer(x.clone())
+    own = x.clone()
+    result = quantizer(own, overwrite=True)
+    assert torch.equal(result, expected)
+    assert result.data_ptr() == own.data_ptr()  # no fresh buffer
+    kept = x.clone()
+    assert torch.equal(quantizer(kept), expected) and torch.equal(kept, x)  # not owned: untouched
+
+
+def test_overwrite_never_touches_inputs_that_need_gradients_or_are_not_quantized() -> None:
+    quantizer = UniformQuantizer("x", 4, (1.0,))
+    x = torch.linspace(-1, 1, 8)
+    same = x.clone()
+    assert quantizer(same, overwrite=True) is same and torch.equal(same, x)  # OFF: identity
+    with calibration([quantizer]):
+        quantizer(x)
+    leaf = x.clone().requires_grad_()
+    out = quantizer(leaf, overwrite=True)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), x)

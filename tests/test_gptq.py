@@ -1,0 +1,96 @@
+"""GPTQ rounding: on the grid, equal to nearest rounding when inputs are uncorrelated, better otherwise."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import build_tiny, tiny_input
+
+from lrpq.api import quantize
+from lrpq.config import QuantConfig
+from lrpq.gptq import SecondMoment, gptq_round
+from lrpq.primitives import fake_quant_uniform
+from lrpq.quantizers import UniformQuantizer
+
+
+def weight_grid(weight: torch.Tensor, bits: int) -> UniformQuantizer:
+    quantizer = UniformQuantizer("w", bits, (1.0,), channel_dim=0, param_shape=(weight.shape[0], 1))
+    quantizer.calibrate_from(weight)
+    return quantizer
+
+
+def correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator)
+    return torch.randn(rows, features, generator=generator) @ mixing
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    moment = SecondMoment(x.shape[-1])
+    for part in x.split(100):  # accumulated batch by batch, as calibration does
+        moment.update(part)
+    assert moment.rows == len(x)
+    return moment.matrix
+
+
+def test_second_moment_accumulates_x_transpose_x() -> None:
+    x = torch.randn(2, 150, 6, generator=torch.Generator().manual_seed(0))
+    flat = x.reshape(-1, 6).double()
+    torch.testing.assert_close(second_moment(x.reshape(-1, 6)), flat.T @ flat)
+
+
+def test_rounded_weights_lie_on_the_quantizer_grid() -> None:
+    weight = torch.randn(8, 40, generator=torch.Generator().manual_seed(1))
+    grid = weight_grid(weight, 3)
+    rounded = gptq_round(weight, second_moment(correlated_inputs(400, 40, 2)), grid.scale, grid.zero_point, 3)
+    assert torch.equal(fake_quant_uniform(rounded, grid.scale, grid.zero_point, 3), rounded)
+    assert not torch.equal(rounded, grid(weight))  # correlated inputs move some weights to another level
+
+
+def test_uncorrelated_inputs_give_nearest_rounding() -> None:
+    """With H = c·I no column's error says anything about another's, so nothing is carried over."""
+    weight = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    grid = weight_grid(weight, 4)
+    identity = torch.eye(300, dtype=torch.float64) * 7.0
+    assert torch.equal(gptq_round(weight, identity, grid.scale, grid.zero_point, 4), grid(weight))
+
+
+def test_correlated_inputs_get_a_smaller_output_error_than_nearest_rounding() -> None:
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    x = correlated_inputs(2000, 64, 5)
+    grid = weight_grid(weight, 3)
+    rounded = gptq_round(weight, second_moment(x[:1000]), grid.scale, grid.zero_point, 3)
+    held_out = x[1000:]
+
+    def output_error(w: torch.Tensor) -> float:
+        return (held_out @ w.T - held_out @ weight.T).square().sum().item()
+
+    assert output_error(rounded) < 0.7 * output_error(grid(weight))
+
+
+def test_dead_input_channels_are_rounded_to_nearest() -> None:
+    weight = torch.randn(4, 10, generator=torch.Generator().manual_seed(6))
+    x = correlated_inputs(200, 10, 7)
+    x[:, 3] = 0.0
+    grid = weight_grid(weight, 3)
+    h = second_moment(x)
+    h[3, :] = h[:, 3] = 0.0  # the channel never fired
+    rounded = gptq_round(weight, h, grid.scale, grid.zero_point, 3)
+    assert torch.isfinite(rounded).all()
+    assert torch.equal(rounded[:, 3], grid(weight)[:, 3])  # nothing flows into or out of it
+
+
+def test_quantize_with_gptq_lowers_the_logit_error_at_w4() -> None:
+    float_model = build_tiny("vit")
+    calib, held_out = tiny_input("vit", 16, seed=1), tiny_input("vit", 16, seed=2)
+
+    def logit_error(config: QuantConfig) -> float:
+        model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+        with torch.no_grad():
+            return (model(held_out) - float_model(held_out)).square().sum().item()
+
+    # Measured 0.011 against 0.044. (At 3 bits this random model's layers still each gain, but their
+    # errors compound worse end to end; GPTQ optimises each layer's output, not the model's.)
+    nearest = logit_error(QuantConfig(wbits=4, abits=8))
+    assert logit_error(QuantConfig(wbits=4, abits=8, gptq=True)) < 0.5 * nearest
