@@ -57,7 +57,8 @@ REFERENCES = {
 # (row label, config or None for float, mixed precision?). "LN reparam" is RepQ-ViT's post-LayerNorm
 # reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2 and the
 # key centring of q·kᵀ (lrpq's defaults); "keys not centred" leaves the keys as they are; "CRL k=2"
-# clips the channel scales of both folds to mean ± 2·std.
+# clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
+# the calibration inputs instead of to the nearest level (opt-in).
 NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False}
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
@@ -75,7 +76,26 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("W4A4 reparam", QuantConfig(4, 4), False),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), False),
     ("W4A4 reparam, mixed", QuantConfig(4, 4), True),
+    ("W6A6 reparam + GPTQ", QuantConfig(6, 6, gptq=True), False),
+    ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), True),
+    ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), False),
+    ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), True),
 ]
+
+
+def _same_setting(stored: dict | None, wanted: dict) -> bool:
+    """Whether a stored row was measured as ``wanted`` asks, reading its config through QuantConfig.
+
+    A config field added after a row was stored is absent from it and takes its default, which is
+    right as long as new fields default to the behaviour that existed before them (``gptq`` does).
+    """
+    if stored is None or {k: v for k, v in stored.items() if k != "config"} != {
+        k: v for k, v in wanted.items() if k != "config"
+    }:
+        return False
+    if stored["config"] is None or wanted["config"] is None:
+        return stored["config"] == wanted["config"]
+    return QuantConfig.from_json_dict(stored["config"]) == QuantConfig.from_json_dict(wanted["config"])
 
 
 def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int, done: dict) -> Iterator[dict]:
@@ -96,7 +116,7 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
             "limit": limit,
             "relevance_images": relevance_images if mixed else None,
         }
-        if label in rows and rows[label].get("setting") == setting:
+        if label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
         model = build_model(spec)
