@@ -45,9 +45,9 @@ def rebuilt(family: str, config: QuantConfig, state: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
-@pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
-def test_packed_export_round_trips_bit_exactly(tmp_path: Path, family: str, bits: int) -> None:
-    config = QuantConfig(wbits=bits, abits=bits)
+@pytest.mark.parametrize(("bits", "gptq"), [(3, False), (4, False), (5, False), (6, False), (8, False), (4, True)])
+def test_packed_export_round_trips_bit_exactly(tmp_path: Path, family: str, bits: int, gptq: bool) -> None:
+    config = QuantConfig(wbits=bits, abits=bits, gptq=gptq)
     model = quantize(build_tiny(family), config, tiny_input(family, batch=4), progress=False)
     path = save_packed(model, tmp_path / "model.packed.safetensors")
     state = load_packed_state(path)
