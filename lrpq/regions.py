@@ -60,7 +60,11 @@ _ACTIVATION_RULES: dict[type[nn.Module], RegionRule] = {Mlp: _mlp}
 
 
 def register_regions(block_cls: type[nn.Module], rule: RegionRule) -> None:
-    """Declare the (norm, sink) child pairs of another block class, as paths relative to the block."""
+    """Declare the (norm, sink) child pairs of another block class, as paths relative to the block.
+
+    The norm's output must be read by its sink alone: folds rewrite what it means, and at inference
+    the sink quantizes it in place (``QuantLinear.input_owned``).
+    """
     _REGION_RULES[block_cls] = rule
 
 
