@@ -211,8 +211,11 @@ def quantize(
     for layer in quant_layers(model).values():
         if isinstance(layer, QuantLinear | QuantConv2d):
             layer.weight_quantizer.calibrate_from(layer.weight)
-    linears = {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
-    rounded = linears if config.gptq else {}
+    rounded = (
+        {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
+        if config.gptq
+        else {}
+    )
     moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
     gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
     points = activation_quantizers(model)

@@ -36,9 +36,8 @@ class SecondMoment:
         self.rows += len(rows)
 
 
-def _inverse_cholesky(second_moment: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``: the rows GPTQ reads its error updates from."""
-    h = second_moment.clone()
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``: the rows GPTQ reads its error updates from (damps ``h`` in place)."""
     h.diagonal().add_(DAMPING * h.diagonal().mean().clamp(min=1e-12))
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True)
