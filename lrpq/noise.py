@@ -1,0 +1,91 @@
+"""Where a quantized model's error comes from: logit SNR with only some quantizers switched on.
+
+A fake-quantized model computes its float function when every quantizer is OFF, so switching on one
+group of quantization points at a time isolates that group's share of the output noise. The reference
+is the same model with everything OFF, so the reparameterizations (exact up to rounding) cancel out;
+weights that GPTQ rounded in place stay rounded with their quantizers OFF, so with ``gptq`` every group
+includes the weight noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lrpq.api import quant_layers, quantizers
+from lrpq.errors import LrpqError
+from lrpq.quantizers import QuantMode
+
+
+def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (``inf`` when the two are equal), as torchao's ``compute_error``."""
+    noise = (reference - approximation).norm().item()
+    if noise == 0.0:
+        return math.inf
+    return 20 * math.log10(reference.norm().item() / noise)
+
+
+@contextmanager
+def only_quantizing(model: nn.Module, points: Collection[str]) -> Iterator[None]:
+    """Quantize at the named points only (every other quantizer OFF); restore every mode on exit."""
+    every = quantizers(model)
+    unknown = sorted(set(points) - set(every))
+    if unknown:
+        raise LrpqError(f"no quantization point named {unknown[0]!r}; names look like {next(iter(every), '?')!r}")
+    saved = {name: quantizer.mode for name, quantizer in every.items()}
+    try:
+        for name, quantizer in every.items():
+            quantizer.mode = QuantMode.QUANT if name in points else QuantMode.OFF
+        yield
+    finally:
+        for name, quantizer in every.items():
+            quantizer.mode = saved[name]
+
+
+def groups_by_layer(model: nn.Module) -> dict[str, list[str]]:
+    """``<layer> inputs`` (input or both matmul operands) and ``<layer> weight`` point groups, per layer."""
+    groups: dict[str, list[str]] = {}
+    names = list(quantizers(model))
+    for layer in quant_layers(model):
+        points = [name for name in names if name.rpartition(".")[0] == layer]
+        groups[f"{layer} inputs"] = [name for name in points if not name.endswith(".weight")]
+        weights = [name for name in points if name.endswith(".weight")]
+        if weights:
+            groups[f"{layer} weight"] = weights
+    return groups
+
+
+def groups_by_kind(model: nn.Module) -> dict[str, list[str]]:
+    """Points of the same role in every block (``attn.matmul1.a``, ``mlp.fc2.input`` …).
+
+    A point's kind is its name after the last block index, so ``blocks.3.attn.proj.weight`` and
+    ``layers.1.blocks.0.attn.proj.weight`` share one group and ``patch_embed.proj.weight`` has its own.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in quantizers(model):
+        parts = name.split(".")
+        indices = [i for i, part in enumerate(parts) if part.isdigit()]
+        groups.setdefault(".".join(parts[indices[-1] + 1 :] if indices else parts), []).append(name)
+    return groups
+
+
+@torch.no_grad()
+def noise_breakdown(
+    model: nn.Module, images: torch.Tensor, groups: Mapping[str, Collection[str]], batch_size: int = 32
+) -> dict[str, float]:
+    """Logit SNR (dB) against the all-OFF model with only each group's points quantized."""
+
+    def logits() -> torch.Tensor:
+        return torch.cat([model(batch) for batch in images.split(batch_size)])
+
+    with only_quantizing(model, ()):
+        reference = logits()
+    result = {}
+    for label, points in groups.items():
+        with only_quantizing(model, points):
+            result[label] = snr_db(reference, logits())
+    return result
