@@ -21,7 +21,8 @@ def quantized_tiny(family: str = "vit", config: QuantConfig | None = None) -> to
 
 
 def test_snr_db_by_hand_and_for_equal_tensors() -> None:
-    assert snr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5])) == pytest.approx(20.0)
+    assert snr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.5])) == pytest.approx(20.0)  # 5 / 0.5 = 10
+    assert snr_db(torch.tensor([1.0]), torch.tensor([0.0])) == pytest.approx(0.0)
     assert snr_db(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])) == math.inf
 
 
