@@ -2,8 +2,8 @@
 
 Quantizes the reference model as ``results_table.py`` does, then switches on one group of points at a
 time (``lrpq.noise``) on images spread over the dev folder and prints each group's logit SNR against
-the same model with every quantizer off, worst first. Groups are point kinds across blocks (``fc2.input``,
-``matmul1.a`` …) or, with ``--by layer``, each layer's inputs and weight.
+the same model with every quantizer off, worst first. Groups are point kinds across blocks (``mlp.fc2.input``,
+``attn.matmul1.a`` …) or, with ``--by layer``, each layer's inputs and weight.
 
     python scripts/noise_breakdown.py --models ref-B --wbits 6 --abits 6 --images 150
     python scripts/noise_breakdown.py --models ref-B --wbits 4 --abits 4 --by layer --json noise.json
@@ -31,9 +31,10 @@ def breakdown(label: str, config: QuantConfig, images: int, by: str) -> dict[str
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
     dev = [path for path, _ in evenly_spaced(list_images(ref.data / "dev"), images)]
     torch.manual_seed(0)
-    model = quantize(build_model(spec), config, calib, progress=False)
+    model = quantize(build_model(spec), config, calib)
     groups = groups_by_layer(model) if by == "layer" else groups_by_kind(model)
-    result = noise_breakdown(model, load_calibration_images(dev, spec.data_config), {"all": quantizers(model)} | groups)
+    dev_images = load_calibration_images(dev, spec.data_config)
+    result = noise_breakdown(model, dev_images, {"all": quantizers(model)} | groups, progress=True)
     return {"all": result.pop("all")} | dict(sorted(result.items(), key=lambda item: item[1]))
 
 
