@@ -138,15 +138,16 @@ def _forward(model: nn.Module, batch: torch.Tensor) -> object:
     return model(batch)
 
 
+def input_quantizers(layer: QuantLayer) -> list[FakeQuantizer]:
+    """The quantizers of what ``layer`` reads: its input, or both operands of a matmul."""
+    if isinstance(layer, QuantMatMul):
+        return [layer.a_quantizer, layer.b_quantizer]
+    return [layer.input_quantizer]
+
+
 def activation_quantizers(model: nn.Module) -> list[FakeQuantizer]:
     """Quantizers of layer inputs and matmul operands: the ones calibrated from data."""
-    points: list[FakeQuantizer] = []
-    for layer in quant_layers(model).values():
-        if isinstance(layer, QuantMatMul):
-            points += [layer.a_quantizer, layer.b_quantizer]
-        else:
-            points.append(layer.input_quantizer)
-    return points
+    return [quantizer for layer in quant_layers(model).values() for quantizer in input_quantizers(layer)]
 
 
 def _reparameterize(

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.api import quant_layers, quantizers
+from lrpq.api import input_quantizers, quant_layers, quantizers
 from lrpq.errors import LrpqError
+from lrpq.modules import QuantMatMul
 from lrpq.quantizers import QuantMode
 
 
@@ -50,13 +51,10 @@ def only_quantizing(model: nn.Module, points: Collection[str]) -> Iterator[None]
 def groups_by_layer(model: nn.Module) -> dict[str, list[str]]:
     """``<layer> inputs`` (input or both matmul operands) and ``<layer> weight`` point groups, per layer."""
     groups: dict[str, list[str]] = {}
-    names = list(quantizers(model))
-    for layer in quant_layers(model):
-        points = [name for name in names if name.rpartition(".")[0] == layer]
-        groups[f"{layer} inputs"] = [name for name in points if not name.endswith(".weight")]
-        weights = [name for name in points if name.endswith(".weight")]
-        if weights:
-            groups[f"{layer} weight"] = weights
+    for name, layer in quant_layers(model).items():
+        groups[f"{name} inputs"] = [quantizer.name for quantizer in input_quantizers(layer)]
+        if not isinstance(layer, QuantMatMul):
+            groups[f"{name} weight"] = [layer.weight_quantizer.name]
     return groups
 
 
