@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrpq.bias_correction import correcting_biases, output_means
 from lrpq.calibrate import calibration, channel_observers, observe_inputs, observe_outputs
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
@@ -61,6 +62,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     if config.center_keys:
         for attention in shiftable_attentions(model).values():
             ensure_bias(attention.qkv)
+    if config.bias_correction:
+        for layer in weighted_layers(model).values():
+            ensure_bias(layer)
     unknown = set(config.bit_plan.layers) - set(quant_layers(model))
     if unknown:
         raise LrpqError(
@@ -97,6 +101,11 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
         for name, module in model.named_modules()
         if isinstance(module, QuantLinear | QuantConv2d | QuantMatMul)
     }
+
+
+def weighted_layers(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
+    """The quantized layers that have weights (and so a bias to correct), by name."""
+    return {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear | QuantConv2d)}
 
 
 def quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
@@ -186,6 +195,25 @@ def _reparameterize(
         shift_keys(attention.qkv, keys, key_ranges[name].midpoint()[keys])
 
 
+def _float_output_means(
+    model: nn.Module,
+    layers: dict[str, QuantLinear | QuantConv2d],
+    calib: CalibData,
+    batch_size: int,
+    run: BatchRunner,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Each layer's per-channel output mean with every quantizer still off: bias correction's target."""
+    if not layers:
+        return {}
+    if not isinstance(calib, torch.Tensor):
+        raise LrpqError("bias correction needs the calibration images as one tensor (it runs them as one batch)")
+    means = output_means(layers)
+    with observe_outputs(layers, means):
+        _run(model, calib, batch_size, run, "float means", progress)
+    return {name: mean.mean() for name, mean in means.items()}
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -200,7 +228,8 @@ def quantize(
 
     ``calib`` is an (N, 3, H, W) tensor already preprocessed for the model, or a sequence of batches
     that ``run(model, batch)`` feeds to the model (a detector's own data pipeline, say). It is read
-    twice: once for the channel statistics of the reparameterization, once for every quantizer.
+    twice: once for the channel statistics of the reparameterization, once for every quantizer; bias
+    correction reads a tensor ``calib`` twice more, in batches for the float means and as one batch.
     """
     model.eval()
     prepare(model, config)
@@ -209,9 +238,10 @@ def quantize(
     attentions = shiftable_attentions(model) if config.center_keys else {}
     if regions or activation_sinks or attentions:
         _reparameterize(model, regions, activation_sinks, attentions, config, calib, batch_size, run, progress)
-    for layer in quant_layers(model).values():
-        if isinstance(layer, QuantLinear | QuantConv2d):
-            layer.weight_quantizer.calibrate_from(layer.weight)
+    corrected = weighted_layers(model) if config.bias_correction else {}
+    float_means = _float_output_means(model, corrected, calib, batch_size, run, progress)
+    for layer in weighted_layers(model).values():
+        layer.weight_quantizer.calibrate_from(layer.weight)
     rounded = (
         {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
         if config.gptq
@@ -225,4 +255,8 @@ def quantize(
     for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
         weight, grid = rounded[name].weight, rounded[name].weight_quantizer
         weight.copy_(gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
-    return convert(model)
+    convert(model)
+    if corrected:
+        with correcting_biases(corrected, float_means):
+            run(model, calib)
+    return model

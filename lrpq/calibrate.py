@@ -48,7 +48,7 @@ class Recorder(Protocol):
 
 
 @contextmanager
-def _hooks(handles: list[RemovableHandle]) -> Iterator[None]:
+def hooks(handles: list[RemovableHandle]) -> Iterator[None]:
     try:
         yield
     finally:
@@ -73,7 +73,7 @@ def observe_inputs(modules: Mapping[str, nn.Module], recorders: Mapping[str, Rec
 
         return record
 
-    with _hooks([module.register_forward_pre_hook(hook_for(recorders[name])) for name, module in modules.items()]):
+    with hooks([module.register_forward_pre_hook(hook_for(recorders[name])) for name, module in modules.items()]):
         yield
 
 
@@ -87,5 +87,5 @@ def observe_outputs(modules: Mapping[str, nn.Module], recorders: Mapping[str, Re
 
         return record
 
-    with _hooks([module.register_forward_hook(hook_for(recorders[name])) for name, module in modules.items()]):
+    with hooks([module.register_forward_hook(hook_for(recorders[name])) for name, module in modules.items()]):
         yield

@@ -91,6 +91,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
         gptq=args.gptq,
+        bias_correction=args.bias_correction,
         clip_k=args.clip_k,
     )
     if args.bit_plan:
@@ -237,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-key-centring", action="store_true", help="leave the keys of q·kᵀ as they are (no shift through qkv)"
     )
     q.add_argument("--gptq", action="store_true", help="round Linear weights by GPTQ instead of to the nearest level")
+    q.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="set every layer's quantized output mean back to its float mean (two more passes)",
+    )
     q.add_argument(
         "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
     )

@@ -89,8 +89,9 @@ class QuantConfig:
     through the qkv bias, which softmax does not see (``lrpq.reparam``), so the per-tensor q·kᵀ
     operand range is not spent on channel offsets. ``gptq`` rounds every Linear's weights on their
     grid by GPTQ (``lrpq.gptq``) instead of to the nearest level; it is off by default, so the
-    defaults stay RepQ-ViT's rounding. ``per_channel_weights`` and ``log_softmax`` exist so the
-    naive baseline is the same code path.
+    defaults stay RepQ-ViT's rounding. ``bias_correction`` sets every Linear and Conv2d output mean
+    back to its float mean, layer after layer (``lrpq.bias_correction``; opt-in, two more passes).
+    ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
     """
 
     wbits: int = 4
@@ -99,6 +100,7 @@ class QuantConfig:
     post_gelu_reparam: bool = True
     center_keys: bool = True
     gptq: bool = False
+    bias_correction: bool = False
     clip_k: float | None = None
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8

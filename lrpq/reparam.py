@@ -112,8 +112,10 @@ def shift_keys(qkv: nn.Linear, key_channels: slice, shift: torch.Tensor) -> None
     ensure_bias(qkv)[key_channels].sub_(shift.to(qkv.weight.dtype))
 
 
-def ensure_bias(linear: nn.Linear) -> nn.Parameter:
-    """Give ``linear`` a zero bias if it has none: the fold needs one (Swin's ``reduction`` has no bias)."""
-    if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-    return linear.bias
+def ensure_bias(layer: nn.Linear | nn.Conv2d) -> nn.Parameter:
+    """Give ``layer`` a zero bias if it has none: folds and bias correction need one (Swin's ``reduction`` has none)."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(
+            torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+        )
+    return layer.bias

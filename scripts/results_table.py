@@ -58,7 +58,8 @@ REFERENCES = {
 # reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2 and the
 # key centring of q·kᵀ (lrpq's defaults); "keys not centred" leaves the keys as they are; "CRL k=2"
 # clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
-# the calibration inputs instead of to the nearest level (opt-in).
+# the calibration inputs instead of to the nearest level (opt-in); "bias corr." sets every layer's
+# quantized output mean back to its float mean, layer after layer (opt-in).
 NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False}
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
@@ -80,6 +81,13 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), True),
     ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), False),
     ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), True),
+    ("W6A6 reparam + bias corr.", QuantConfig(6, 6, bias_correction=True), False),
+    ("W6A6 reparam + bias corr., mixed", QuantConfig(6, 6, bias_correction=True), True),
+    ("W4A4 reparam + bias corr.", QuantConfig(4, 4, bias_correction=True), False),
+    ("W4A4 reparam + bias corr., mixed", QuantConfig(4, 4, bias_correction=True), True),
+    ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), False),
+    ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), False),
+    ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), True),
 ]
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform
 
-from lrpq.api import set_mode
+from lrpq.api import set_mode, weighted_layers
 from lrpq.cli import main
 from lrpq.quantizers import QuantMode
 from lrpq.runs import load_run
@@ -177,6 +177,17 @@ def test_no_reparam_flags_reach_the_saved_config(
     assert (config["crl"], config["post_gelu_reparam"], config["center_keys"]) == (False, False, False)
     model, _, _ = load_run(run)
     assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())
+
+
+def test_bias_correction_flag_reaches_the_saved_config_and_the_run_reloads(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace["root"] / "corrected"
+    status, _, err = run_cli(quantize_args(workspace, "--bias-correction", "--out", run), capsys)
+    assert status == 0, err
+    assert json.loads((run / "config.json").read_text())["quant"]["bias_correction"] is True
+    model, _, _ = load_run(run)  # strict load: every corrected layer has its bias in the file
+    assert all(layer.bias is not None for layer in weighted_layers(model).values())
 
 
 def reference_top1(run: Path, data: Path) -> float:
