@@ -10,6 +10,7 @@ timm; it is started as soon as collection ends so that start-up overlaps the in-
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -22,6 +23,10 @@ import pytest
 import timm
 import torch
 from torch import nn
+
+from lrpq.api import quantize
+from lrpq.config import QuantConfig
+from lrpq.noise import snr_db
 
 torch.set_num_threads(1)
 
@@ -120,3 +125,24 @@ def python_m_lrpq(request: pytest.FixtureRequest) -> Iterator[tuple[int, str, st
     process, folder = started
     stdout, stderr = process.communicate(timeout=300)
     yield process.returncode, stdout, stderr, folder
+
+
+def reference_snrs(
+    shared_dir: Path, model: str, data: str, calib_images: int, every: int, configs: dict[str, QuantConfig]
+) -> dict[str, float]:
+    """Logit SNR of each config on a shared reference model: seed-0 calibration draw, every n-th dev image."""
+    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
+    from lrpq.models import build_model, resolve_model
+
+    spec = resolve_model(str(shared_dir / "models" / f"{model}.json"))
+    float_model = build_model(spec)
+    calib_paths = draw_calibration_set(shared_dir / "data" / data / "calib", calib_images, 0)
+    calib = load_calibration_images(calib_paths, spec.data_config)
+    dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
+    x = load_calibration_images(dev, spec.data_config)
+    with torch.no_grad():
+        reference = float_model(x)
+        return {
+            name: snr_db(reference, quantize(copy.deepcopy(float_model), config, calib, progress=False)(x))
+            for name, config in configs.items()
+        }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, tiny_input
+from conftest import build_tiny, reference_snrs, tiny_input
 from torch import nn
 
 from lrpq.api import activation_quantizers, quant_layers, quantize, quantizers, set_mode
@@ -257,27 +257,6 @@ def test_layers_are_replaced_in_place() -> None:
     assert returned is model
     assert isinstance(model.patch_embed.proj, QuantConv2d)
     assert isinstance(model.blocks[1].mlp.fc2, QuantLinear)
-
-
-def reference_snrs(
-    shared_dir: Path, model: str, data: str, calib_images: int, every: int, configs: dict[str, QuantConfig]
-) -> dict[str, float]:
-    """Logit SNR of each config on a shared reference model: seed-0 calibration draw, every n-th dev image."""
-    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
-    from lrpq.models import build_model, resolve_model
-
-    spec = resolve_model(str(shared_dir / "models" / f"{model}.json"))
-    float_model = build_model(spec)
-    calib_paths = draw_calibration_set(shared_dir / "data" / data / "calib", calib_images, 0)
-    calib = load_calibration_images(calib_paths, spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
-    x = load_calibration_images(dev, spec.data_config)
-    with torch.no_grad():
-        reference = float_model(x)
-        return {
-            name: snr_db(reference, quantize(copy.deepcopy(float_model), config, calib, progress=False)(x))
-            for name, config in configs.items()
-        }
 
 
 @pytest.mark.shared

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, tiny_input
+from conftest import build_tiny, reference_snrs, tiny_input
 from torch import nn
 
 from lrpq.api import convert, prepare, quantize, set_mode, weighted_layers
@@ -125,3 +126,13 @@ def test_bias_correction_needs_the_calibration_images_as_one_tensor() -> None:
     images = tiny_input("vit", 4)
     with pytest.raises(LrpqError, match="one tensor"):
         quantize(build_tiny("vit"), QuantConfig(bias_correction=True), [images[:2], images[2:]], progress=False)
+
+
+@pytest.mark.shared
+def test_reference_dinov2_w4a4_bias_correction_removes_much_of_the_logit_noise(shared_dir: Path) -> None:
+    """On ref-B, 4-bit layers shift their outputs on average and the shifts compound through the blocks:
+    correcting the means layer after layer raised the W4A4 logit SNR from 1.8 to 4.0 dB (32 calibration
+    images, 600 dev images) and from 1.3 to 2.8 dB on this draw (8 and 8); demand a clear part of that."""
+    configs = {"corrected": QuantConfig(4, 4, bias_correction=True), "plain": QuantConfig(4, 4)}
+    snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs)
+    assert snr["corrected"] > snr["plain"] + 1.0, snr
