@@ -206,8 +206,6 @@ def _float_output_means(
     """Each layer's per-channel output mean with every quantizer still off: bias correction's target."""
     if not layers:
         return {}
-    if not isinstance(calib, torch.Tensor):
-        raise LrpqError("bias correction needs the calibration images as one tensor (it runs them as one batch)")
     means = output_means(layers)
     with observe_outputs(layers, means):
         _run(model, calib, batch_size, run, "float means", progress)
@@ -231,6 +229,8 @@ def quantize(
     twice: once for the channel statistics of the reparameterization, once for every quantizer; bias
     correction reads a tensor ``calib`` twice more, in batches for the float means and as one batch.
     """
+    if config.bias_correction and not isinstance(calib, torch.Tensor):  # before any pass is spent
+        raise LrpqError("bias correction needs the calibration images as one tensor (it runs them as one batch)")
     model.eval()
     prepare(model, config)
     regions = find_regions(model) if config.crl else []

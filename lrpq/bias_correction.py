@@ -38,7 +38,7 @@ def _broadcast(values: torch.Tensor, output: torch.Tensor, channel_dim: int) -> 
 
 
 class OutputMean:
-    """Running per-channel mean of a layer's outputs (float64 sums, so 32 images of tokens add exactly enough)."""
+    """Running per-channel mean of a layer's outputs, summed in float64 so millions of values add without drift."""
 
     def __init__(self, channel_dim: int) -> None:
         self.channel_dim = channel_dim
