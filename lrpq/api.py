@@ -238,9 +238,10 @@ def quantize(
     attentions = shiftable_attentions(model) if config.center_keys else {}
     if regions or activation_sinks or attentions:
         _reparameterize(model, regions, activation_sinks, attentions, config, calib, batch_size, run, progress)
-    corrected = weighted_layers(model) if config.bias_correction else {}
+    weighted = weighted_layers(model)
+    corrected = weighted if config.bias_correction else {}
     float_means = _float_output_means(model, corrected, calib, batch_size, run, progress)
-    for layer in weighted_layers(model).values():
+    for layer in weighted.values():
         layer.weight_quantizer.calibrate_from(layer.weight)
     rounded = (
         {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}

@@ -4,7 +4,8 @@ A fake-quantized model computes its float function when every quantizer is OFF, 
 group of quantization points at a time isolates that group's share of the output noise. The reference
 is the same model with everything OFF, so the reparameterizations (exact up to rounding) cancel out;
 weights that GPTQ rounded in place stay rounded with their quantizers OFF, so with ``gptq`` every group
-includes the weight noise.
+includes the weight noise. Biases moved by ``bias_correction`` also stay with everything OFF, and they
+offset the mean error of all points at once, so break down models without it.
 """
 
 from __future__ import annotations
