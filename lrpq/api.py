@@ -35,6 +35,7 @@ from lrpq.reparam import (
     layerwise_fold_factors,
     shift_keys,
 )
+from lrpq.sensitivity import output_gradient_runner
 
 QuantLayer = QuantLinear | QuantConv2d | QuantMatMul
 
@@ -227,10 +228,13 @@ def quantize(
     ``calib`` is an (N, 3, H, W) tensor already preprocessed for the model, or a sequence of batches
     that ``run(model, batch)`` feeds to the model (a detector's own data pipeline, say). It is read
     twice: once for the channel statistics of the reparameterization, once for every quantizer; bias
-    correction reads a tensor ``calib`` twice more, in batches for the float means and as one batch.
+    correction reads a tensor ``calib`` twice more, in batches for the float means and as one batch;
+    ``range_metric='output'`` adds a backward pass to the quantizers' pass.
     """
     if config.bias_correction and not isinstance(calib, torch.Tensor):  # before any pass is spent
         raise LrpqError("bias correction needs the calibration images as one tensor (it runs them as one batch)")
+    if config.range_metric == "output" and not isinstance(calib, torch.Tensor):
+        raise LrpqError("range_metric='output' needs the calibration images as a tensor (it backpropagates logits)")
     model.eval()
     prepare(model, config)
     regions = find_regions(model) if config.crl else []
@@ -251,8 +255,12 @@ def quantize(
     moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
     gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
     points = activation_quantizers(model)
-    with calibration(points, config.calibrate_on_quantized), observe_inputs(gptq_inputs, moments):
-        _run(model, calib, batch_size, run, "calibration", progress)
+    if config.range_metric == "output":
+        mode, calibration_run = QuantMode.OBSERVE_WEIGHTED, output_gradient_runner()
+    else:
+        mode, calibration_run = QuantMode.OBSERVE_QUANT if config.calibrate_on_quantized else QuantMode.OBSERVE, run
+    with calibration(points, mode), observe_inputs(gptq_inputs, moments):
+        _run(model, calib, batch_size, calibration_run, "calibration", progress)
     for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
         weight, grid = rounded[name].weight, rounded[name].weight_quantizer
         weight.copy_(gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))

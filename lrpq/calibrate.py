@@ -18,19 +18,21 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lrpq.observers import UniformObserver
-from lrpq.quantizers import FakeQuantizer
+from lrpq.quantizers import FakeQuantizer, QuantMode
 
 
 @contextmanager
-def calibration(quantizers: Iterable[FakeQuantizer], quantize_while_observing: bool = False) -> Iterator[None]:
+def calibration(quantizers: Iterable[FakeQuantizer], mode: QuantMode = QuantMode.OBSERVE) -> Iterator[None]:
     """Observe with ``quantizers`` inside the block; freeze and enable them when it ends cleanly.
 
-    With ``quantize_while_observing`` each quantizer passes on its fake-quantized input, so every
-    layer is calibrated on the quantized activations it will see at inference (as RepQ-ViT does).
+    With ``QuantMode.OBSERVE_QUANT`` each quantizer passes on its fake-quantized input, so every
+    layer is calibrated on the quantized activations it will see at inference (as RepQ-ViT does);
+    with ``QuantMode.OBSERVE_WEIGHTED`` each batch is recorded when a backward pass through the
+    block's forwards brings its gradient (``lrpq.sensitivity``).
     """
     quantizers = list(quantizers)
     for quantizer in quantizers:
-        quantizer.start_observing(quantize_while_observing)
+        quantizer.start_observing(mode)
     try:
         yield
         for quantizer in quantizers:

@@ -15,7 +15,7 @@ import torch
 from lrpq import bench
 from lrpq.allocate import ALLOCATORS, weighted_mean_bits
 from lrpq.api import quant_layers, quantize
-from lrpq.config import BitPlan, QuantConfig
+from lrpq.config import RANGE_METRICS, BitPlan, QuantConfig
 from lrpq.data import (
     draw_calibration_set,
     load_calibration_images,
@@ -92,6 +92,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         center_keys=not args.no_key_centring,
         gptq=args.gptq,
         bias_correction=args.bias_correction,
+        range_metric=args.range_metric,
         clip_k=args.clip_k,
     )
     if args.bit_plan:
@@ -242,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bias-correction",
         action="store_true",
         help="set every layer's quantized output mean back to its float mean (two more passes)",
+    )
+    q.add_argument(
+        "--range-metric",
+        choices=RANGE_METRICS,
+        default="mse",
+        help="compare activation ranges by their squared error (mse) or by the first-order error they cause "
+        "at the logits (output: one more backward pass)",
     )
     q.add_argument(
         "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"

@@ -19,6 +19,7 @@ from lrpq.errors import LrpqError
 MIN_PRIMITIVE_BITS = 2
 MAX_PRIMITIVE_BITS = 8
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
+RANGE_METRICS = ("mse", "output")
 
 
 class ConfigError(LrpqError):
@@ -91,6 +92,10 @@ class QuantConfig:
     grid by GPTQ (``lrpq.gptq``) instead of to the nearest level; it is off by default, so the
     defaults stay RepQ-ViT's rounding. ``bias_correction`` sets every Linear and Conv2d output mean
     back to its float mean, layer after layer (``lrpq.bias_correction``; opt-in, two more passes).
+    ``range_metric`` is how an activation quantizer's candidate ranges are compared: ``"mse"``, the
+    squared error of the tensor (RepQ-ViT); ``"output"``, each element's squared error weighted by the
+    squared gradient of a random projection of the logits, i.e. the first-order error at the output
+    (``lrpq.sensitivity``; opt-in, it adds a backward pass to calibration).
     ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
     """
 
@@ -105,6 +110,7 @@ class QuantConfig:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8
     calibrate_on_quantized: bool = False
+    range_metric: str = "mse"
     per_channel_weights: bool = True
     log_softmax: bool = True
     bit_plan: BitPlan = field(default_factory=BitPlan)
@@ -134,6 +140,13 @@ class QuantConfig:
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ConfigError(f"percentiles={self.percentiles} must be a non-empty list of values in (0.5, 1]")
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+        if self.range_metric not in RANGE_METRICS:
+            raise ConfigError(f"range_metric={self.range_metric!r} is unknown; use one of: {', '.join(RANGE_METRICS)}")
+        if self.range_metric == "output" and self.calibrate_on_quantized:
+            raise ConfigError(
+                "range_metric='output' observes float activations in a backward pass; "
+                "it cannot be combined with calibrate_on_quantized=True"
+            )
 
     def bits_for(self, name: str, *, conv: bool = False) -> LayerBits:
         """Bit widths of the layer called ``name``: from the plan if named there, else the defaults."""

@@ -5,6 +5,10 @@ percentile) and the squared reconstruction error each candidate would cause, and
 At the end the candidate with the least total error wins (per channel when channel-wise), and its
 range is the mean of that candidate's per-batch ranges. With a single calibration batch this is
 exactly "pick the percentile whose fake-quant output is closest to the float tensor".
+
+``update(x, weight)`` weighs each element's squared error (the candidate ranges still come from ``x``
+alone): with the squared output sensitivity of every element (``lrpq.sensitivity``) the choice
+minimises the first-order error at the model output rather than in the tensor itself.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ class _CandidateObserver:
         self._upper_sum: torch.Tensor | None = None
         self._error_sum: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add one batch; ``weight`` (broadcastable to ``x``, >= 0) scales each element's squared error."""
         x = x.detach().float()
         if x.numel() == 0:
             return
@@ -40,7 +45,7 @@ class _CandidateObserver:
         if not (bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())):
             raise CalibrationError(f"non-finite values (NaN/Inf) reached quantization point '{self.name}'")
         lower, upper = percentile_bounds(x, self.percentiles, self.channel_dim)
-        errors = self._candidate_errors(x, lower, upper)
+        errors = self._candidate_errors(x, lower, upper, None if weight is None else weight.detach().float())
         if self._error_sum is None:
             self._lower_sum, self._upper_sum, self._error_sum = lower, upper, errors
         else:
@@ -49,11 +54,13 @@ class _CandidateObserver:
             self._error_sum += errors
         self.batches += 1
 
-    def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    def _candidate_errors(
+        self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _squared_errors(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        """Squared error of candidates stacked along dim 0 of ``x_hat``, which this consumes as scratch.
+    def _squared_errors(self, x: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """(Weighted) squared error of candidates stacked along dim 0 of ``x_hat``, which this consumes as scratch.
 
         The result must not depend on how many candidates share the stack, or a choice between nearly
         equal candidates could flip. A per-channel sum is a separate reduction per output either way,
@@ -61,6 +68,8 @@ class _CandidateObserver:
         sum of one tensor, so per tensor each candidate is reduced on its own.
         """
         diff = x_hat.sub_(x).square_()
+        if weight is not None:
+            diff.mul_(weight)
         if self.channel_dim is None:
             return torch.stack([candidate.sum() for candidate in diff])
         channels = diff.movedim(self.channel_dim % x.dim() + 1, -1)
@@ -93,7 +102,9 @@ def _candidate_view(t: torch.Tensor, ndim: int, channel_dim: int | None) -> torc
 class UniformObserver(_CandidateObserver):
     """Chooses an asymmetric uniform range among percentile candidates, per tensor or per channel."""
 
-    def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    def _candidate_errors(
+        self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
         scale, zero_point = uniform_qparams(lower, upper, self.bits)
         scale = _candidate_view(scale, x.dim(), self.channel_dim)
         zero_point = _candidate_view(zero_point, x.dim(), self.channel_dim)
@@ -102,7 +113,7 @@ class UniformObserver(_CandidateObserver):
         errors = []
         for start in range(0, len(scale), group):
             s, z = scale[start : start + group], zero_point[start : start + group]
-            errors.append(self._squared_errors(x, fake_quant_uniform(x, s, z, self.bits, out=buffer[: len(s)])))
+            errors.append(self._squared_errors(x, fake_quant_uniform(x, s, z, self.bits, out=buffer[: len(s)]), weight))
         return torch.cat(errors)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +128,13 @@ class LogSqrt2Observer(_CandidateObserver):
     def __init__(self, name: str, bits: int, percentiles: tuple[float, ...]) -> None:
         super().__init__(name, bits, percentiles, channel_dim=None)
 
-    def _candidate_errors(self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    def _candidate_errors(
+        self, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
         scales = torch.clamp(upper, min=1e-8)
-        return torch.cat([self._squared_errors(x, fake_quant_log_sqrt2(x, s, self.bits).unsqueeze(0)) for s in scales])
+        return torch.cat(
+            [self._squared_errors(x, fake_quant_log_sqrt2(x, s, self.bits).unsqueeze(0), weight) for s in scales]
+        )
 
     def scale(self) -> torch.Tensor:
         _, upper = self.best_bounds()

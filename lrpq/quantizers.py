@@ -20,6 +20,7 @@ class QuantMode(enum.Enum):
     OFF = "off"  # identity: the float model
     OBSERVE = "observe"  # identity, while an observer records statistics
     OBSERVE_QUANT = "observe_quant"  # record, then fake-quantize with the parameters observed so far
+    OBSERVE_WEIGHTED = "observe_weighted"  # identity; record when backward brings the output's gradient
     QUANT = "quant"  # fake-quantize with frozen parameters
 
 
@@ -33,6 +34,7 @@ class FakeQuantizer(nn.Module):
         self.percentiles = percentiles
         self.mode = QuantMode.OFF
         self.observer: UniformObserver | LogSqrt2Observer | None = None
+        self._pending: torch.Tensor | None = None  # OBSERVE_WEIGHTED: this batch's input, until its gradient
 
     def forward(self, x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
         """``overwrite``: the caller owns ``x`` and lets frozen parameters quantize it in place.
@@ -48,27 +50,64 @@ class FakeQuantizer(nn.Module):
             return x
         if self.observer is None:
             raise RuntimeError(f"quantizer '{self.name}' is observing without an observer")
+        if self.mode is QuantMode.OBSERVE_WEIGHTED:
+            return self._observe_when_gradient_arrives(x)
         self.observer.update(x)
         if self.mode is QuantMode.OBSERVE:
             return x
         self.load_observer(self.observer)
         return self.fake_quant(x)
 
-    def start_observing(self, quantize_output: bool = False) -> None:
-        """Attach a fresh observer; ``quantize_output`` lets later layers calibrate on quantized inputs."""
+    def _observe_when_gradient_arrives(self, x: torch.Tensor) -> torch.Tensor:
+        """Hand ``x`` on through a fresh autograd node; its gradient, squared, weighs ``x``'s errors.
+
+        The new node sees only this point's consumer, so a tensor also read elsewhere (a residual)
+        is weighted by what flows through the quantized path alone.
+        """
+        self._observe_pending()
+        if not x.requires_grad:  # nothing upstream needs a gradient (the input image): plain error
+            self.observer.update(x)
+            return x
+        self._pending = x.detach()
+        passed_on = x.view_as(x)
+        passed_on.register_hook(self._observe_with_gradient)
+        return passed_on
+
+    def _observe_with_gradient(self, gradient: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.observer.update(self._pending, gradient.square())
+            self._pending = None
+
+    def _observe_pending(self) -> None:
+        """A batch whose gradient never reached this point (its output was not used) counts unweighted."""
+        if self._pending is not None:
+            self.observer.update(self._pending)
+            self._pending = None
+
+    def start_observing(self, mode: QuantMode = QuantMode.OBSERVE) -> None:
+        """Attach a fresh observer in one of the observing modes.
+
+        OBSERVE_QUANT lets later layers calibrate on quantized inputs; OBSERVE_WEIGHTED records each
+        batch when backward reaches it, weighing element errors by the squared gradient.
+        """
+        if mode not in (QuantMode.OBSERVE, QuantMode.OBSERVE_QUANT, QuantMode.OBSERVE_WEIGHTED):
+            raise ValueError(f"{mode} is not an observing mode")
         self.observer = self.make_observer()
-        self.mode = QuantMode.OBSERVE_QUANT if quantize_output else QuantMode.OBSERVE
+        self._pending = None
+        self.mode = mode
 
     def finish_observing(self) -> None:
         """Freeze parameters from the observer and switch to QUANT."""
         if self.observer is None:
             raise RuntimeError(f"quantizer '{self.name}' has no observer to finish")
+        self._observe_pending()
         self.load_observer(self.observer)
         self.observer = None
         self.mode = QuantMode.QUANT
 
     def abort_observing(self) -> None:
         self.observer = None
+        self._pending = None
         self.mode = QuantMode.OFF
 
     def make_observer(self) -> UniformObserver | LogSqrt2Observer:

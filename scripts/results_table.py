@@ -59,7 +59,8 @@ REFERENCES = {
 # key centring of q·kᵀ (lrpq's defaults); "keys not centred" leaves the keys as they are; "CRL k=2"
 # clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
 # the calibration inputs instead of to the nearest level (opt-in); "bias corr." sets every layer's
-# quantized output mean back to its float mean, layer after layer (opt-in).
+# quantized output mean back to its float mean, layer after layer (opt-in); "output ranges" compares
+# activation ranges by the first-order error they cause at the logits (range_metric="output", opt-in).
 NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False}
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
@@ -88,6 +89,19 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), False),
     ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), False),
     ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), True),
+    ("W6A6 reparam + output ranges", QuantConfig(6, 6, range_metric="output"), False),
+    ("W6A6 reparam + GPTQ + output ranges", QuantConfig(6, 6, gptq=True, range_metric="output"), False),
+    ("W6A6 reparam + GPTQ + output ranges, mixed", QuantConfig(6, 6, gptq=True, range_metric="output"), True),
+    (
+        "W4A4 reparam + GPTQ + bias corr. + output ranges",
+        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
+        False,
+    ),
+    (
+        "W4A4 reparam + GPTQ + bias corr. + output ranges, mixed",
+        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
+        True,
+    ),
 ]
 
 

@@ -190,6 +190,17 @@ def test_bias_correction_flag_reaches_the_saved_config_and_the_run_reloads(
     assert all(layer.bias is not None for layer in weighted_layers(model).values())
 
 
+def test_range_metric_flag_reaches_the_saved_config(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace["root"] / "output-weighted"
+    status, _, err = run_cli(quantize_args(workspace, "--range-metric", "output", "--out", run), capsys)
+    assert status == 0, err
+    assert json.loads((run / "config.json").read_text())["quant"]["range_metric"] == "output"
+    status, _, err = run_cli(quantize_args(workspace, "--range-metric", "sqnr"), capsys)
+    assert status == 2 and "sqnr" in err and "mse" in err and "output" in err
+
+
 def reference_top1(run: Path, data: Path) -> float:
     """Top-1 of the run's quantized model, with timm's own transform and a plain loop (no lrpq.data)."""
     model, _, _ = load_run(run)
