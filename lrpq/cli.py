@@ -137,7 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         config = config.with_plan(
             plan_from_scores(model, scores, wbits=config.wbits, abits=config.abits, allocator=args.allocator)
         )
-    quantize(model, config, calib)
+    quantize(model, config, calib, batch_size=args.batch_size)
     summary = {
         "model": spec.source,
         "timm_name": spec.timm_name,
@@ -147,6 +147,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "post_gelu_reparam": config.post_gelu_reparam,
         "clip_k": config.clip_k,
         "calibration_images": int(calib.shape[0]),
+        "calibration_batch_size": args.batch_size,
         "seed": args.seed,
         "calibration_seconds": round(time.perf_counter() - started, 2),
         **_budget_summary(model, config),
@@ -230,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-data", help="ImageFolder to draw calibration images from (or $LRPQ_CALIB_DATA)")
     q.add_argument("--calib-list", help="fixed list of calibration images, relative to --calib-data")
     q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
+    q.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="calibration images per forward pass (default 32); fewer use less memory, and each "
+        "activation range is then the mean of the per-batch ranges",
+    )
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
     q.add_argument(

@@ -16,7 +16,7 @@ import timm
 import torch
 from conftest import MISSING_CARD
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 
 from lrpq.api import set_mode, weighted_layers
@@ -199,6 +199,22 @@ def test_range_metric_flag_reaches_the_saved_config(
     assert json.loads((run / "config.json").read_text())["quant"]["range_metric"] == "output"
     status, _, err = run_cli(quantize_args(workspace, "--range-metric", "sqnr"), capsys)
     assert status == 2 and "sqnr" in err and "mse" in err and "output" in err
+
+
+def test_batch_size_reaches_calibration_and_the_summary(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    states = {}
+    for batch in (2, 4):
+        run = workspace["root"] / f"batch-{batch}"
+        status, _, err = run_cli(quantize_args(workspace, "--batch-size", str(batch), "--out", run), capsys)
+        assert status == 0, err
+        assert json.loads((run / "summary.json").read_text())["calibration_batch_size"] == batch
+        states[batch] = load_file(run / "model.safetensors")
+    # Two batches of two average their per-batch ranges; one batch of four does not.
+    assert any(not torch.equal(states[2][key], states[4][key]) for key in states[4])
+    status, _, err = run_cli(quantize_args(workspace, "--batch-size", "0"), capsys)
+    assert status == 2 and "'0' is not a positive integer" in err
 
 
 def reference_top1(run: Path, data: Path) -> float:
