@@ -247,11 +247,7 @@ def quantize(
     float_means = _float_output_means(model, corrected, calib, batch_size, run, progress)
     for layer in weighted.values():
         layer.weight_quantizer.calibrate_from(layer.weight)
-    rounded = (
-        {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
-        if config.gptq
-        else {}
-    )
+    rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
     moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
     gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
     points = activation_quantizers(model)
