@@ -24,7 +24,7 @@ from lrpq.data import (
     unnormalize,
 )
 from lrpq.errors import LrpqError
-from lrpq.evaluate import EvalResult, evaluate
+from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d, QuantLinear
@@ -171,9 +171,24 @@ def _print_result(source: str, result: EvalResult) -> None:
     print(f"{source}: top-1 {result.top1:.2f}%{top5} on {result.n} images{skipped} ({result.seconds:.1f} s)")
 
 
+def _print_comparison(source: str, comparison: Comparison) -> None:
+    result, low, high = comparison.result, *comparison.confidence_interval()
+    print(
+        f"{source}: top-1 {result.top1:.2f}% vs float {comparison.reference.top1:.2f}%: "
+        f"{comparison.difference:+.2f} points (95% CI {low:+.2f} to {high:+.2f}); same prediction on "
+        f"{comparison.agreement:.2f}%; {comparison.right_only_model} right only when quantized, "
+        f"{comparison.right_only_reference} only in float; {result.n} images ({result.seconds:.1f} s)"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if is_run_dir(args.model):
         model, spec, _ = load_run(args.model)
+    elif args.against_float:
+        raise LrpqError(
+            f"--against-float compares a run directory's quantized model with its float model; "
+            f"{args.model} is not a run directory (expected one written by `lrpq quantize`)"
+        )
     else:
         spec = resolve_model(args.model, args.checkpoint)
         model = build_model(spec)
@@ -181,10 +196,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loader = make_loader(
         args.data, spec.data_config, spec.classes, num_classes, args.batch_size, args.limit, args.workers
     )
-    result = evaluate(model, loader)
-    _print_result(args.model, result)
+    if args.against_float:
+        comparison = compare(model, build_model(spec), loader)
+        _print_comparison(args.model, comparison)
+        payload = comparison.to_json_dict()
+    else:
+        result = evaluate(model, loader)
+        _print_result(args.model, result)
+        payload = result.to_json_dict()
     if args.json:
-        payload = {**result.to_json_dict(), "model": args.model, "data": str(args.data)}
+        payload |= {"model": args.model, "data": str(args.data)}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
@@ -283,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--limit", type=_positive_int, help="evaluate an evenly spaced subset of this many images")
     e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    e.add_argument(
+        "--against-float",
+        action="store_true",
+        help="also run a run directory's float model on the same images: the paired top-1 gap with a 95%% CI",
+    )
     e.add_argument("--json", help="also write the result to this JSON file")
     e.set_defaults(func=cmd_eval)
 

@@ -21,6 +21,7 @@ from timm.data import create_transform
 
 from lrpq.api import set_mode, weighted_layers
 from lrpq.cli import main
+from lrpq.models import build_model, resolve_model
 from lrpq.quantizers import QuantMode
 from lrpq.runs import load_run
 
@@ -221,6 +222,11 @@ def reference_top1(run: Path, data: Path) -> float:
     """Top-1 of the run's quantized model, with timm's own transform and a plain loop (no lrpq.data)."""
     model, _, _ = load_run(run)
     set_mode(model, QuantMode.QUANT)  # the quantized function, whatever mode load_run leaves
+    return plain_top1(model, data)
+
+
+def plain_top1(model: torch.nn.Module, data: Path) -> float:
+    """Top-1 of ``model`` on the 8 workspace images, with timm's own transform and a plain loop."""
     transform = create_transform(**DATA_CONFIG, is_training=False)
     correct = total = 0
     for label, class_name in enumerate(CLASSES):
@@ -274,6 +280,29 @@ def test_eval_of_a_run_reports_the_quantized_accuracy(
 ) -> None:
     payload = json.loads(happy_path["result"].read_text())
     assert payload["top1"] == pytest.approx(reference_top1(happy_path["run"], workspace["data"]))
+
+
+def test_eval_against_float_pairs_the_run_with_its_float_model(
+    happy_path: dict[str, object], workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = workspace["root"] / "paired.json"
+    argv = ["eval", happy_path["run"], "--data", workspace["data"], "--against-float", "--json", result]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    payload = json.loads(result.read_text())
+    assert payload["top1"] == pytest.approx(reference_top1(happy_path["run"], workspace["data"]))
+    float_model = build_model(resolve_model(str(workspace["card"])))
+    assert payload["reference"]["top1"] == pytest.approx(plain_top1(float_model, workspace["data"]))
+    assert payload["reference"]["n"] == payload["n"] == 8
+    gained, lost = payload["right_only_model"], payload["right_only_reference"]
+    assert payload["top1"] - payload["reference"]["top1"] == pytest.approx(payload["difference"])
+    assert payload["difference"] == pytest.approx(100 * (gained - lost) / 8)
+    low, high = payload["difference_ci95"]
+    assert low <= payload["difference"] <= high
+    assert f"vs float {payload['reference']['top1']:.2f}%" in out
+
+    status, _, err = run_cli(["eval", workspace["card"], "--data", workspace["data"], "--against-float"], capsys)
+    assert_one_error_line(status, err, "--against-float", str(workspace["card"]), "not a run directory")
 
 
 def test_python_m_lrpq_exits_2_without_traceback(python_m_lrpq: tuple[int, str, str, Path]) -> None:

@@ -1,7 +1,8 @@
-"""Top-1/top-5 on a toy model with known logits, skipped-image reporting, and the shared ref-A model."""
+"""Top-1/top-5 on a toy model with known logits, paired comparisons, skipped images, and the shared ref-A model."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from lrpq.data import make_loader
 from lrpq.errors import LrpqError
-from lrpq.evaluate import EvalResult, evaluate
+from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import build_model, resolve_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -65,6 +66,55 @@ def test_result_json_and_empty_loader() -> None:
     assert result.to_json_dict() == {"top1": 12.5, "top5": None, "n": 8, "skipped": 1, "seconds": 0.5}
     with pytest.raises(LrpqError, match="yielded no images"):
         evaluate(LookupModel(LOGITS), [], progress=False)
+
+
+# Six samples, labels all 0; which of model / reference predicts class 0 per sample:
+# both, both, model only, reference only, reference only, neither.
+PAIR_LABELS = torch.zeros(6, dtype=torch.long)
+MODEL_RIGHT = [True, True, True, False, False, False]
+REFERENCE_RIGHT = [True, True, False, True, True, False]
+
+
+def _logits_right_where(right: list[bool], wrong_class: int) -> torch.Tensor:
+    """Three-class logits predicting class 0 where ``right`` and ``wrong_class`` elsewhere."""
+    rows = [[1.0, 0.0, 0.0] if ok else [0.0, float(wrong_class == 1), float(wrong_class == 2)] for ok in right]
+    return torch.tensor(rows)
+
+
+def test_compare_counts_discordant_images_and_the_paired_interval() -> None:
+    # Only samples 0 and 1 agree: sample 5 is wrong under both but as class 1 vs class 2.
+    model = LookupModel(_logits_right_where(MODEL_RIGHT, wrong_class=1))
+    reference = LookupModel(_logits_right_where(REFERENCE_RIGHT, wrong_class=2)).train()
+    comparison = compare(model, reference, batches(PAIR_LABELS, 4), progress=False)
+    assert (comparison.result.top1, comparison.reference.top1) == (50.0, pytest.approx(400 / 6))
+    assert (comparison.right_only_model, comparison.right_only_reference) == (1, 2)
+    assert comparison.agreement == pytest.approx(200 / 6)
+    assert comparison.difference == pytest.approx(-100 / 6)
+    # Per-sample differences (0, 0, 1, -1, -1, 0): mean -1/6, E[d^2] = 3/6, var = (1/2 - 1/36) / 6.
+    half = 100 * 1.959964 * math.sqrt((0.5 - 1 / 36) / 6)
+    low, high = comparison.confidence_interval()
+    assert (low, high) == (pytest.approx(-100 / 6 - half), pytest.approx(-100 / 6 + half))
+    assert comparison.result.n == comparison.reference.n == 6
+    assert not reference.training
+
+
+def test_compare_of_identical_models_has_a_zero_width_interval() -> None:
+    model = LookupModel(LOGITS)
+    comparison = compare(model, model, batches(LABELS, 3), progress=False)
+    assert (comparison.agreement, comparison.difference, comparison.confidence_interval()) == (100.0, 0.0, (0.0, 0.0))
+    assert comparison.result == comparison.reference
+
+
+def test_comparison_json_and_empty_loader() -> None:
+    result = EvalResult(top1=50.0, top5=None, n=4, skipped=0, seconds=1.0)
+    reference = EvalResult(top1=75.0, top5=None, n=4, skipped=0, seconds=1.0)
+    payload = Comparison(result, reference, 75.0, 0, 1).to_json_dict()
+    assert payload["top1"] == 50.0 and payload["reference"]["top1"] == 75.0
+    assert (payload["agreement"], payload["right_only_model"], payload["right_only_reference"]) == (75.0, 0, 1)
+    assert payload["difference"] == -25.0
+    assert payload["difference_ci95"] == list(Comparison(result, reference, 75.0, 0, 1).confidence_interval())
+    with pytest.raises(LrpqError, match="yielded no images"):
+        compare(LookupModel(LOGITS), LookupModel(LOGITS), [], progress=False)
 
 
 def test_skipped_images_are_reported(tmp_path: Path) -> None:
