@@ -108,11 +108,12 @@ def test_compare_of_identical_models_has_a_zero_width_interval() -> None:
 def test_comparison_json_and_empty_loader() -> None:
     result = EvalResult(top1=50.0, top5=None, n=4, skipped=0, seconds=1.0)
     reference = EvalResult(top1=75.0, top5=None, n=4, skipped=0, seconds=1.0)
-    payload = Comparison(result, reference, 75.0, 0, 1).to_json_dict()
+    comparison = Comparison(result, reference, 75.0, 0, 1)
+    payload = comparison.to_json_dict()
     assert payload["top1"] == 50.0 and payload["reference"]["top1"] == 75.0
     assert (payload["agreement"], payload["right_only_model"], payload["right_only_reference"]) == (75.0, 0, 1)
     assert payload["difference"] == -25.0
-    assert payload["difference_ci95"] == list(Comparison(result, reference, 75.0, 0, 1).confidence_interval())
+    assert payload["difference_ci95"] == list(comparison.confidence_interval())
     with pytest.raises(LrpqError, match="yielded no images"):
         compare(LookupModel(LOGITS), LookupModel(LOGITS), [], progress=False)
 
