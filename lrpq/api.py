@@ -1,12 +1,12 @@
 """One call from a float timm model to a fake-quantized one: ``quantize(model, config, calib)``.
 
-Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → observe post-LN and post-GELU
-activations channel-wise and key ranges → fold CRL-clipped channel factors into LayerNorm (or the
-sink's input reparameterization) and sink, centre the keys (``reparam``) → calibrate
-weights on the folded values → observe every activation quantizer → ``convert`` (log√2 → log2) →
-QUANT; with ``config.gptq`` the same pass also collects every Linear's input second moments, and
-GPTQ rounds the weights on their grids. ``prepare`` followed by ``convert`` builds the same module
-tree without data, which is how a saved run is loaded back.
+Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → rotate attention heads →
+observe post-LN and post-GELU activations channel-wise and key ranges → fold CRL-clipped channel
+factors into LayerNorm (or the sink's input reparameterization) and sink, centre the keys
+(``reparam``) → calibrate weights on the folded values → observe every activation quantizer →
+``convert`` (log√2 → log2) → QUANT; with ``config.gptq`` the same pass also collects every
+Linear's input second moments, and GPTQ rounds the weights on their grids. ``prepare`` followed by
+``convert`` builds the same module tree without data, which is how a saved run is loaded back.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from lrpq.reparam import (
     ensure_bias,
     fold_into_norm_and_sink,
     fold_into_sink,
+    head_rotation,
     layerwise_fold_factors,
+    rotate_heads,
     shift_keys,
 )
 from lrpq.sensitivity import output_gradient_runner
@@ -93,6 +95,28 @@ def _replace(parent: nn.Module, prefix: str, config: QuantConfig) -> None:
 def shiftable_attentions(model: nn.Module) -> dict[str, nn.Module]:
     """Quantized attention modules whose keys can be shifted through their qkv bias, by name."""
     return {name: module for name, module in model.named_modules() if getattr(module, "key_channels", None) is not None}
+
+
+def rotatable_attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized attention modules whose queries and keys, or values, can be rotated exactly, by name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if getattr(module, "query_key_rotatable", False) or getattr(module, "values_rotatable", False)
+    }
+
+
+def _rotate_attention_heads(attentions: dict[str, nn.Module]) -> None:
+    """Rotate each head of every attention by the Hadamard (or seeded orthogonal) matrix of its size."""
+    for attention in attentions.values():
+        head_dim = attention.qkv.out_features // (3 * attention.num_heads)
+        rotate_heads(
+            attention.qkv,
+            attention.proj if getattr(attention, "values_rotatable", False) else None,
+            attention.num_heads,
+            head_rotation(head_dim),
+            query_key=getattr(attention, "query_key_rotatable", False),
+        )
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
@@ -237,6 +261,8 @@ def quantize(
         raise LrpqError("range_metric='output' needs the calibration images as a tensor (it backpropagates logits)")
     model.eval()
     prepare(model, config)
+    if config.rotate_heads:  # data-free and exact: before anything observes q, k, v or proj's input
+        _rotate_attention_heads(rotatable_attentions(model))
     regions = find_regions(model) if config.crl else []
     activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
     attentions = shiftable_attentions(model) if config.center_keys else {}

@@ -90,6 +90,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         crl=not args.no_crl,
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
+        rotate_heads=not args.no_head_rotation,
         gptq=args.gptq,
         bias_correction=args.bias_correction,
         range_metric=args.range_metric,
@@ -266,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--no-key-centring", action="store_true", help="leave the keys of q·kᵀ as they are (no shift through qkv)"
+    )
+    q.add_argument(
+        "--no-head-rotation",
+        action="store_true",
+        help="leave attention heads unrotated (no Hadamard rotation of q, k and v through qkv and proj)",
     )
     q.add_argument("--gptq", action="store_true", help="round Linear weights by GPTQ instead of to the nearest level")
     q.add_argument(

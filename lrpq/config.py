@@ -88,7 +88,10 @@ class QuantConfig:
     input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
     still wins. ``center_keys`` shifts every key channel by the centre of its calibration range
     through the qkv bias, which softmax does not see (``lrpq.reparam``), so the per-tensor q·kᵀ
-    operand range is not spent on channel offsets. ``gptq`` rounds every Linear's weights on their
+    operand range is not spent on channel offsets. ``rotate_heads`` rotates every attention head's
+    queries and keys together, and its values (undone in ``proj``), by a Hadamard matrix: exact in
+    float, and it spreads outlier channels over the head before the per-tensor q·kᵀ, attn·v and
+    proj-input quantizers see them (``lrpq.reparam``). ``gptq`` rounds every Linear's weights on their
     grid by GPTQ (``lrpq.gptq``) instead of to the nearest level; it is off by default, so the
     defaults stay RepQ-ViT's rounding. ``bias_correction`` sets every Linear and Conv2d output mean
     back to its float mean, layer after layer (``lrpq.bias_correction``; opt-in, two more passes).
@@ -104,6 +107,7 @@ class QuantConfig:
     crl: bool = True
     post_gelu_reparam: bool = True
     center_keys: bool = True
+    rotate_heads: bool = True
     gptq: bool = False
     bias_correction: bool = False
     clip_k: float | None = None
@@ -124,6 +128,7 @@ class QuantConfig:
             crl=False,
             post_gelu_reparam=False,
             center_keys=False,
+            rotate_heads=False,
             percentiles=(1.0,),
             conv_abits=None,
             per_channel_weights=False,

@@ -171,6 +171,16 @@ class QuantAttention(nn.Module):
         """The qkv output channels that are keys, if a shift there reaches q·kᵀ unchanged (no k norm)."""
         return slice(self.attn_dim, 2 * self.attn_dim) if isinstance(self.k_norm, nn.Identity) else None
 
+    @property
+    def query_key_rotatable(self) -> bool:
+        """Whether rotating every head's q and k leaves q·kᵀ unchanged (no per-channel q/k norm between)."""
+        return isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+
+    @property
+    def values_rotatable(self) -> bool:
+        """Whether proj can undo a rotation of the values (no per-channel norm or gate after attn·v)."""
+        return isinstance(self.norm, nn.Identity) and self.gate is None
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -207,6 +217,11 @@ class QuantWindowAttention(nn.Module):
         dim = self.qkv.out_features // 3
         return slice(dim, 2 * dim)
 
+    # q·kᵀ is all that reaches the scores (the position bias and mask are added per score), and proj
+    # reads attn·v directly: both rotations of ``lrpq.reparam.rotate_heads`` are exact here.
+    query_key_rotatable = True
+    values_rotatable = True
+
     def _relative_position_bias(self) -> torch.Tensor:
         """(1, heads, window_area, window_area) bias gathered from the shared timm table."""
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -240,7 +255,9 @@ def register_attention(cls: type[nn.Module], factory: AttentionFactory) -> None:
 
     ``factory(module, name, config)`` returns a replacement whose two products are ``QuantMatMul``
     children called ``matmul1`` (q·kᵀ) and ``matmul2`` (attn·v); a ``qkv`` Linear and a
-    ``key_channels`` slice (or None) let the key shift of ``QuantConfig.center_keys`` reach it.
+    ``key_channels`` slice (or None) let the key shift of ``QuantConfig.center_keys`` reach it;
+    ``num_heads``, ``proj`` and true ``query_key_rotatable``/``values_rotatable`` flags let the head
+    rotation of ``QuantConfig.rotate_heads`` reach it (absent flags count as false).
     """
     _ATTENTION_FACTORIES[cls] = factory
 

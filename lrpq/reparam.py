@@ -25,10 +25,17 @@ bias the same way. In an integer pipeline that per-channel affine is the requant
 float GELU output, which is elementwise anyway; the GEMM still reads codes on one grid. It matters
 for models whose hidden activations have a few outlier channels (DINOv2's reach 15 where the rest
 stay below 4): one per-tensor range must either clip them or waste its levels on them.
+
+Heads can be rotated for free too: for an orthogonal ``R``, ``(qR)(kR)ᵀ = q·kᵀ``, and
+``attn·(vR) = (attn·v)·R`` is undone by ``proj`` reading its columns through ``R`` (``W' = W·R`` per
+head). Both halves are rewrites of the qkv rows and proj columns, done once. A Hadamard ``R`` spreads
+each channel over all channels of its head with equal weight, so a few outlier channels of q, k or v
+no longer set the one per-tensor range of the q·kᵀ and attn·v operands and of proj's input.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +126,53 @@ def ensure_bias(layer: nn.Linear | nn.Conv2d) -> nn.Parameter:
             torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
         )
     return layer.bias
+
+
+# A rotation must be the same for the same head size wherever it is built (quantize and tests).
+_ROTATION_SEED = 0
+
+
+def head_rotation(head_dim: int) -> torch.Tensor:
+    """An orthogonal ``head_dim × head_dim`` matrix (float64) that mixes every channel into all others.
+
+    Sylvester's Hadamard matrix over ``√head_dim`` when ``head_dim`` is a power of two (every entry
+    ``±1/√d``: one outlier channel lands on all channels equally); otherwise a random orthogonal
+    matrix drawn from a fixed seed, with the signs of the QR factorisation fixed so it is unique.
+    """
+    if head_dim < 1:
+        raise ValueError(f"head_dim={head_dim} must be a positive integer")
+    if head_dim & (head_dim - 1) == 0:
+        hadamard = torch.ones(1, 1, dtype=torch.float64)
+        while hadamard.shape[0] < head_dim:
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+        return hadamard / math.sqrt(head_dim)
+    generator = torch.Generator().manual_seed(_ROTATION_SEED)
+    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@torch.no_grad()
+def rotate_heads(
+    qkv: nn.Linear, proj: nn.Linear | None, num_heads: int, rotation: torch.Tensor, *, query_key: bool = True
+) -> None:
+    """Rotate every head's queries and keys (if ``query_key``) and, when ``proj`` is given, its values.
+
+    ``qkv`` emits queries, keys and values in thirds, each ``num_heads`` blocks of ``head_dim``
+    channels; a rotated output ``o·R`` comes from rows ``Rᵀ·W`` and bias ``Rᵀ·b``. The values' rotation
+    is undone in ``proj``'s input columns, ``W_proj·R`` per head.
+    """
+    parts = ([0, 1] if query_key else []) + ([2] if proj is not None else [])
+    head_dim = qkv.out_features // (3 * num_heads)
+    rotation = rotation.to(torch.float64)
+    weight = qkv.weight.double().view(3, num_heads, head_dim, -1)
+    bias = qkv.bias.double().view(3, num_heads, head_dim) if qkv.bias is not None else None
+    for part in parts:
+        weight[part] = torch.einsum("de,hdc->hec", rotation, weight[part])
+        if bias is not None:
+            bias[part] = bias[part] @ rotation
+    qkv.weight.copy_(weight.view_as(qkv.weight))
+    if bias is not None:
+        qkv.bias.copy_(bias.view_as(qkv.bias))
+    if proj is not None:
+        columns = proj.weight.double().view(proj.out_features, num_heads, head_dim)
+        proj.weight.copy_((columns @ rotation).view_as(proj.weight))

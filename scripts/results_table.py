@@ -55,14 +55,15 @@ REFERENCES = {
 }
 
 # (row label, config or None for float, mixed precision?). "LN reparam" is RepQ-ViT's post-LayerNorm
-# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2 and the
-# key centring of q·kᵀ (lrpq's defaults); "keys not centred" leaves the keys as they are; "CRL k=2"
+# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2, the
+# key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not centred" leaves the keys as
+# they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
 # clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
 # the calibration inputs instead of to the nearest level (opt-in); "bias corr." sets every layer's
 # quantized output mean back to its float mean, layer after layer (opt-in); "output ranges" compares
 # activation ranges by the first-order error they cause at the logits (range_metric="output", opt-in).
-NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False}
-REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False}
+NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
+REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
 ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("float", None, False),
     ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), False),
@@ -70,11 +71,13 @@ ROWS: list[tuple[str, QuantConfig | None, bool]] = [
     ("W6A6 no reparam", QuantConfig(6, 6, **NO_REPARAM), False),
     ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT), False),
     ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), False),
+    ("W6A6 reparam, heads not rotated", QuantConfig(6, 6, rotate_heads=False), False),
     ("W6A6 reparam", QuantConfig(6, 6), False),
     ("W6A6 reparam, mixed", QuantConfig(6, 6), True),
     ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), False),
     ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), False),
     ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), False),
+    ("W4A4 reparam, heads not rotated", QuantConfig(4, 4, rotate_heads=False), False),
     ("W4A4 reparam", QuantConfig(4, 4), False),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), False),
     ("W4A4 reparam, mixed", QuantConfig(4, 4), True),
@@ -110,6 +113,7 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
 
     A config field added after a row was stored is absent from it and takes its default, which is
     right as long as new fields default to the behaviour that existed before them (``gptq`` does).
+    ``rotate_heads`` did not: the rows stored before it were rewritten to say ``rotate_heads: false``.
     """
     if stored is None or {k: v for k, v in stored.items() if k != "config"} != {
         k: v for k, v in wanted.items() if k != "config"

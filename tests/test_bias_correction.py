@@ -16,6 +16,7 @@ from lrpq.calibrate import observe_outputs
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.quantizers import QuantMode
+from lrpq.reparam import head_rotation
 
 
 def test_output_mean_is_per_channel_over_every_other_axis() -> None:
@@ -84,17 +85,19 @@ def test_quantize_with_bias_correction_matches_float_means_on_the_calibration_se
     with torch.no_grad(), observe_outputs(layers, seen):
         model(calib)
     for name in layers:
-        expected = targets[name].mean()
-        if name.endswith("attn.qkv"):  # key centring shifts the key rows of the float model; compare q and v
-            expected, got = _queries_and_values(expected), _queries_and_values(seen[name].mean())
-        else:
-            got = seen[name].mean()
+        expected, got = targets[name].mean(), seen[name].mean()
+        if name.endswith("attn.qkv"):  # heads are rotated and keys shifted: compare rotated float q and v
+            heads = model.get_submodule(name.removesuffix(".qkv")).num_heads
+            expected, got = _queries_and_values(expected, heads, rotate=True), _queries_and_values(got, heads)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def _queries_and_values(qkv_mean: torch.Tensor) -> torch.Tensor:
-    query, _, value = qkv_mean.chunk(3)
-    return torch.cat([query, value])
+def _queries_and_values(qkv_mean: torch.Tensor, heads: int, *, rotate: bool = False) -> torch.Tensor:
+    """The query and value thirds of a qkv output mean, each head turned by lrpq's rotation if ``rotate``."""
+    parts = qkv_mean.view(3, heads, -1)
+    if rotate:
+        parts = parts @ head_rotation(parts.shape[-1]).to(parts.dtype)
+    return torch.cat([parts[0], parts[2]]).flatten()
 
 
 def test_bias_correction_lowers_the_logit_error_on_the_calibration_set() -> None:

@@ -171,11 +171,12 @@ def test_no_reparam_flags_reach_the_saved_config(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = workspace["root"] / "plain"
-    flags = ("--no-crl", "--no-gelu-reparam", "--no-key-centring")
+    flags = ("--no-crl", "--no-gelu-reparam", "--no-key-centring", "--no-head-rotation")
     status, _, err = run_cli(quantize_args(workspace, *flags, "--out", run), capsys)
     assert status == 0, err
     config = json.loads((run / "config.json").read_text())["quant"]
-    assert (config["crl"], config["post_gelu_reparam"], config["center_keys"]) == (False, False, False)
+    switches = ("crl", "post_gelu_reparam", "center_keys", "rotate_heads")
+    assert [config[name] for name in switches] == [False] * 4
     model, _, _ = load_run(run)
     assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())
 

@@ -26,7 +26,14 @@ PLAN = BitPlan(
         QuantConfig(),
         QuantConfig(wbits=3, abits=5, clip_k=None, percentiles=(0.99, 1.0), bit_plan=PLAN),
         QuantConfig(
-            wbits=8, abits=8, crl=False, center_keys=False, clip_k=0.75, per_channel_weights=False, log_softmax=False
+            wbits=8,
+            abits=8,
+            crl=False,
+            center_keys=False,
+            rotate_heads=False,
+            clip_k=0.75,
+            per_channel_weights=False,
+            log_softmax=False,
         ),
         QuantConfig.naive(4, 6).with_plan(PLAN),
     ],

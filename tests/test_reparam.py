@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, build_tiny, tiny_input
 from torch import nn
 
-from lrpq.api import prepare, quantize, set_mode, shiftable_attentions
+from lrpq.api import prepare, quantize, rotatable_attentions, set_mode, shiftable_attentions
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
@@ -20,7 +20,9 @@ from lrpq.reparam import (
     ensure_bias,
     fold_into_norm_and_sink,
     fold_into_sink,
+    head_rotation,
     layerwise_fold_factors,
+    rotate_heads,
     shift_keys,
 )
 
@@ -154,6 +156,111 @@ def test_shifting_keys_by_any_vector_leaves_the_model_unchanged(family: str) -> 
     x = tiny_input(family, batch=3, seed=4)
     with torch.no_grad():
         assert relative_error(model(x), float_model(x)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ head rotation
+
+
+@pytest.mark.parametrize("head_dim", [1, 2, 8, 64])
+def test_head_rotation_of_a_power_of_two_is_the_scaled_hadamard_matrix(head_dim: int) -> None:
+    rotation = head_rotation(head_dim)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(head_dim, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotation.abs(), torch.full_like(rotation, head_dim**-0.5), rtol=0, atol=1e-15)
+    assert torch.all(rotation[0] > 0) and torch.all(rotation[:, 0] > 0)  # Sylvester's: first row and column +
+
+
+@pytest.mark.parametrize("head_dim", [3, 12, 24])
+def test_head_rotation_of_other_sizes_is_a_fixed_orthogonal_matrix(head_dim: int) -> None:
+    rotation = head_rotation(head_dim)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(head_dim, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(rotation, head_rotation(head_dim))  # the same for every call: runs are reproducible
+    assert rotation.abs().amax() < 0.99  # no channel stays where it was
+
+
+def test_rotate_heads_by_hand() -> None:
+    """Two heads of two channels: rows of each q/k/v head become Rᵀ·W (bias Rᵀ·b), proj columns W·R."""
+    qkv, proj = nn.Linear(3, 12), nn.Linear(4, 2)
+    rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # a quarter turn: (x, y) @ R = (y, -x)
+    before_w, before_b, before_p = qkv.weight.detach().clone(), qkv.bias.detach().clone(), proj.weight.detach().clone()
+    rotate_heads(qkv, proj, num_heads=2, rotation=rotation)
+    swap = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10])
+    sign = torch.tensor([1.0, -1.0] * 6)
+    torch.testing.assert_close(qkv.weight, before_w[swap] * sign[:, None])
+    torch.testing.assert_close(qkv.bias, before_b[swap] * sign)
+    torch.testing.assert_close(proj.weight, before_p[:, swap[:4]] * sign[:4])
+    rotate_heads(qkv, None, num_heads=2, rotation=rotation.T, query_key=False)  # neither part asked: no-op
+    torch.testing.assert_close(qkv.weight, before_w[swap] * sign[:, None])
+
+
+def rotated_copy(float_model: nn.Module, generator: torch.Generator) -> tuple[nn.Module, int]:
+    """A prepared copy with every rotatable head turned by a random orthogonal matrix; returns it and their count."""
+    model = prepare(copy.deepcopy(float_model), QuantConfig())
+    attentions = rotatable_attentions(model)
+    for attention in attentions.values():
+        head_dim = attention.qkv.out_features // (3 * attention.num_heads)
+        rotation = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))[0]
+        rotate_heads(
+            attention.qkv,
+            attention.proj if attention.values_rotatable else None,
+            attention.num_heads,
+            rotation,
+            query_key=attention.query_key_rotatable,
+        )
+    return model, len(attentions)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "dinov2", "swin"])
+def test_rotating_heads_by_any_orthogonal_matrix_leaves_the_model_unchanged(family: str) -> None:
+    """(qR)(kR)ᵀ = q·kᵀ under Swin's position bias and shift mask too, and proj·R undoes attn·(vR)."""
+    float_model = build_tiny(family)
+    model, rotated = rotated_copy(float_model, torch.Generator().manual_seed(3))
+    assert rotated == sum(1 for name, _ in model.named_modules() if name.endswith("attn"))
+    name = "blocks.0.attn" if family != "swin" else "layers.0.blocks.0.attn"
+    for part in (f"{name}.qkv", f"{name}.proj"):
+        assert not torch.allclose(model.get_submodule(part).weight, float_model.get_submodule(part).weight)
+    x = tiny_input(family, batch=3, seed=4)
+    with torch.no_grad():
+        assert relative_error(model(x), float_model(x)) < 1e-5
+
+
+def test_heads_with_a_query_key_norm_rotate_their_values_only() -> None:
+    """A per-channel q/k LayerNorm does not commute with a rotation: q and k rows must stay as they are."""
+    name, kwargs, _ = FAMILIES["vit"]
+    torch.manual_seed(0)
+    float_model = with_random_norms(timm.create_model(name, pretrained=False, **kwargs, qk_norm=True).eval())
+    model, rotated = rotated_copy(float_model, torch.Generator().manual_seed(3))
+    assert rotated == 2
+    qkv, float_qkv = model.blocks[0].attn.qkv.weight, float_model.blocks[0].attn.qkv.weight
+    assert torch.equal(qkv[:96], float_qkv[:96]) and not torch.allclose(qkv[96:], float_qkv[96:])
+    x = tiny_input("vit", batch=3, seed=4)
+    with torch.no_grad():
+        assert relative_error(model(x), float_model(x)) < 1e-5
+
+
+def test_gated_heads_with_an_output_norm_are_not_rotated() -> None:
+    """A gate or a norm after attn·v acts per channel, and q/k norms block the other half: nothing to rotate."""
+    name, kwargs, _ = FAMILIES["vit"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs, qk_norm=True, scale_attn_norm=True).eval()
+    assert rotatable_attentions(prepare(model, QuantConfig())) == {}
+
+
+def test_rotation_spreads_an_outlier_value_channel_over_its_head() -> None:
+    """One value channel 30 above the rest: unrotated it sets proj's per-tensor input range; rotated by the
+    32-channel Hadamard matrix it lands on every channel of the head at 1/√32 of its size."""
+    name, kwargs, _ = FAMILIES["vit"]
+    torch.manual_seed(0)
+    float_model = timm.create_model(name, pretrained=False, **{**kwargs, "embed_dim": 64}).eval()
+    with torch.no_grad():
+        float_model.blocks[0].attn.qkv.bias[128] += 30.0  # value channel 0 of head 0
+    calib = tiny_input("vit", 4)
+    ranges = {}
+    for rotate in (True, False):
+        model = quantize(copy.deepcopy(float_model), QuantConfig(8, 8, rotate_heads=rotate), calib, progress=False)
+        quantizer = model.blocks[0].attn.proj.input_quantizer
+        ranges[rotate] = (quantizer.scale * 255).item()
+    assert ranges[False] > 30.0
+    assert ranges[True] < ranges[False] / 3, ranges
 
 
 def test_ensure_bias_adds_a_zero_bias_only_when_missing() -> None:
