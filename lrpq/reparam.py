@@ -1,4 +1,4 @@
-"""Scale reparameterization of post-LayerNorm and post-GELU activations, with CRL clipping.
+"""Exact rewrites before calibration: post-LN/post-GELU scale folds with CRL clipping, key shifts, head rotations.
 
 RepQ-ViT calibrates the post-LN activation channel-wise (scale ``s_c``, zero point ``z_c``) and then
 rewrites the model so that one per-tensor quantizer ``(s̃, z̃)`` reproduces the channel-wise grid:
