@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +24,10 @@ import timm
 import torch
 from torch import nn
 
-from lrpq.api import quantize
+from lrpq.api import quantize, quantizers
 from lrpq.config import QuantConfig
 from lrpq.noise import snr_db
+from lrpq.quantizers import QuantMode
 
 torch.set_num_threads(1)
 
@@ -128,9 +129,18 @@ def python_m_lrpq(request: pytest.FixtureRequest) -> Iterator[tuple[int, str, st
 
 
 def reference_snrs(
-    shared_dir: Path, model: str, data: str, calib_images: int, every: int, configs: dict[str, QuantConfig]
-) -> dict[str, float]:
-    """Logit SNR of each config on a shared reference model: seed-0 calibration draw, every n-th dev image."""
+    shared_dir: Path,
+    model: str,
+    data: str,
+    calib_images: int,
+    every: int,
+    configs: dict[Hashable, QuantConfig],
+    points: tuple[str, ...] | None = None,
+) -> dict[Hashable, float]:
+    """Logit SNR of each config on a shared reference model: seed-0 calibration draw, every n-th dev image.
+
+    ``points``: only the quantizers whose names end with one of these stay on (the others are OFF).
+    """
     from lrpq.data import draw_calibration_set, list_images, load_calibration_images
     from lrpq.models import build_model, resolve_model
 
@@ -140,9 +150,13 @@ def reference_snrs(
     calib = load_calibration_images(calib_paths, spec.data_config)
     dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
     x = load_calibration_images(dev, spec.data_config)
+    snrs = {}
     with torch.no_grad():
         reference = float_model(x)
-        return {
-            name: snr_db(reference, quantize(copy.deepcopy(float_model), config, calib, progress=False)(x))
-            for name, config in configs.items()
-        }
+        for key, config in configs.items():
+            quantized = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+            if points is not None:
+                for name, quantizer in quantizers(quantized).items():
+                    quantizer.mode = QuantMode.QUANT if name.endswith(points) else QuantMode.OFF
+            snrs[key] = snr_db(reference, quantized(x))
+    return snrs

@@ -283,25 +283,12 @@ def test_reference_dinov2_keys_need_centring(shared_dir: Path) -> None:
     SNR was 18 dB uncentred and 29 dB centred (150 dev images); demand a clear share of that. Rotating
     the heads spreads the offsets over each head (23.8 dB uncentred, 28.5 centred on these 8 images),
     so centring still has to win by a third of the noise power there."""
-    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
-    from lrpq.models import build_model, resolve_model
-
-    spec = resolve_model(str(shared_dir / "models" / "vits14_imagenette.json"))
-    float_model = build_model(spec)
-    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/imagenette/calib", 8, 0), spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data/imagenette/dev")][::75]
-    x = load_calibration_images(dev, spec.data_config)
-    with torch.no_grad():
-        reference = float_model(x)
-    snr = {}
-    for rotated in (False, True):
-        for centred in (True, False):
-            config = QuantConfig(6, 6, center_keys=centred, rotate_heads=rotated)
-            model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
-            for name, quantizer in quantizers(model).items():
-                quantizer.mode = QuantMode.QUANT if name.endswith("matmul1.b") else QuantMode.OFF
-            with torch.no_grad():
-                snr[rotated, centred] = snr_db(reference, model(x))
+    configs = {
+        (rotated, centred): QuantConfig(6, 6, center_keys=centred, rotate_heads=rotated)
+        for rotated in (False, True)
+        for centred in (True, False)
+    }
+    snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs, points=("matmul1.b",))
     assert snr[False, True] > snr[False, False] + 6.0, snr  # a quarter of the noise power at most
     assert snr[True, True] > snr[True, False] + 3.0, snr
 
@@ -311,22 +298,7 @@ def test_reference_dinov2_rotated_heads_quantize_better(shared_dir: Path) -> Non
     """ref-B with only what the head rotation touches quantized at 6 bits (q·kᵀ and attn·v operands, proj
     inputs): the rotation must lower that noise clearly (measured: 21.0 dB unrotated, 23.7 dB rotated on
     these 8 images)."""
-    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
-    from lrpq.models import build_model, resolve_model
-
-    spec = resolve_model(str(shared_dir / "models" / "vits14_imagenette.json"))
-    float_model = build_model(spec)
-    calib = load_calibration_images(draw_calibration_set(shared_dir / "data/imagenette/calib", 8, 0), spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data/imagenette/dev")][::75]
-    x = load_calibration_images(dev, spec.data_config)
-    with torch.no_grad():
-        reference = float_model(x)
+    configs = {rotated: QuantConfig(6, 6, rotate_heads=rotated) for rotated in (True, False)}
     touched = ("attn.matmul1.a", "attn.matmul1.b", "attn.matmul2.b", "attn.proj.input")
-    snr = {}
-    for rotated in (True, False):
-        model = quantize(copy.deepcopy(float_model), QuantConfig(6, 6, rotate_heads=rotated), calib, progress=False)
-        for name, quantizer in quantizers(model).items():
-            quantizer.mode = QuantMode.QUANT if name.endswith(touched) else QuantMode.OFF
-        with torch.no_grad():
-            snr[rotated] = snr_db(reference, model(x))
+    snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs, points=touched)
     assert snr[True] > snr[False] + 1.5, snr  # 30% less noise power at least
