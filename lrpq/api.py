@@ -106,15 +106,19 @@ def rotatable_attentions(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _rotate_attention_heads(attentions: dict[str, nn.Module]) -> None:
-    """Rotate each head of every attention by the Hadamard (or seeded orthogonal) matrix of its size."""
+def rotate_attention_heads(
+    attentions: dict[str, nn.Module], rotation_for: Callable[[int], torch.Tensor] = head_rotation
+) -> None:
+    """Rotate each head of every attention by ``rotation_for(head_dim)``, as far as each allows.
+
+    The default is lrpq's (Hadamard, or seeded orthogonal) matrix; any orthogonal one keeps the model.
+    """
     for attention in attentions.values():
-        head_dim = attention.qkv.out_features // (3 * attention.num_heads)
         rotate_heads(
             attention.qkv,
             attention.proj if getattr(attention, "values_rotatable", False) else None,
             attention.num_heads,
-            head_rotation(head_dim),
+            rotation_for(attention.qkv.out_features // (3 * attention.num_heads)),
             query_key=getattr(attention, "query_key_rotatable", False),
         )
 
@@ -262,7 +266,7 @@ def quantize(
     model.eval()
     prepare(model, config)
     if config.rotate_heads:  # data-free and exact: before anything observes q, k, v or proj's input
-        _rotate_attention_heads(rotatable_attentions(model))
+        rotate_attention_heads(rotatable_attentions(model))
     regions = find_regions(model) if config.crl else []
     activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
     attentions = shiftable_attentions(model) if config.center_keys else {}

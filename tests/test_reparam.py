@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, build_tiny, tiny_input
 from torch import nn
 
-from lrpq.api import prepare, quantize, rotatable_attentions, set_mode, shiftable_attentions
+from lrpq.api import prepare, quantize, rotatable_attentions, rotate_attention_heads, set_mode, shiftable_attentions
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
@@ -196,16 +196,11 @@ def rotated_copy(float_model: nn.Module, generator: torch.Generator) -> tuple[nn
     """A prepared copy with every rotatable head turned by a random orthogonal matrix; returns it and their count."""
     model = prepare(copy.deepcopy(float_model), QuantConfig())
     attentions = rotatable_attentions(model)
-    for attention in attentions.values():
-        head_dim = attention.qkv.out_features // (3 * attention.num_heads)
-        rotation = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))[0]
-        rotate_heads(
-            attention.qkv,
-            attention.proj if attention.values_rotatable else None,
-            attention.num_heads,
-            rotation,
-            query_key=attention.query_key_rotatable,
-        )
+
+    def random_rotation(head_dim: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64))[0]
+
+    rotate_attention_heads(attentions, random_rotation)
     return model, len(attentions)
 
 
