@@ -54,7 +54,8 @@ REFERENCES = {
     ),
 }
 
-# (row label, config or None for float, mixed precision?). "LN reparam" is RepQ-ViT's post-LayerNorm
+# (row label, config or None for float, allocator for mixed precision or None for fixed bits). "mixed"
+# uses the paper rule, "mixed, exact allocator" the budgeted solver. "LN reparam" is RepQ-ViT's post-LayerNorm
 # reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2, the
 # key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not centred" leaves the keys as
 # they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
@@ -64,46 +65,67 @@ REFERENCES = {
 # activation ranges by the first-order error they cause at the logits (range_metric="output", opt-in).
 NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
-ROWS: list[tuple[str, QuantConfig | None, bool]] = [
-    ("float", None, False),
-    ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), False),
-    ("W8A8 reparam", QuantConfig(8, 8), False),
-    ("W6A6 no reparam", QuantConfig(6, 6, **NO_REPARAM), False),
-    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT), False),
-    ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), False),
-    ("W6A6 reparam, heads not rotated", QuantConfig(6, 6, rotate_heads=False), False),
-    ("W6A6 reparam", QuantConfig(6, 6), False),
-    ("W6A6 reparam, mixed", QuantConfig(6, 6), True),
-    ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), False),
-    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), False),
-    ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), False),
-    ("W4A4 reparam, heads not rotated", QuantConfig(4, 4, rotate_heads=False), False),
-    ("W4A4 reparam", QuantConfig(4, 4), False),
-    ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), False),
-    ("W4A4 reparam, mixed", QuantConfig(4, 4), True),
-    ("W6A6 reparam + GPTQ", QuantConfig(6, 6, gptq=True), False),
-    ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), True),
-    ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), False),
-    ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), True),
-    ("W6A6 reparam + bias corr.", QuantConfig(6, 6, bias_correction=True), False),
-    ("W6A6 reparam + bias corr., mixed", QuantConfig(6, 6, bias_correction=True), True),
-    ("W4A4 reparam + bias corr.", QuantConfig(4, 4, bias_correction=True), False),
-    ("W4A4 reparam + bias corr., mixed", QuantConfig(4, 4, bias_correction=True), True),
-    ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), False),
-    ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), False),
-    ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), True),
-    ("W6A6 reparam + output ranges", QuantConfig(6, 6, range_metric="output"), False),
-    ("W6A6 reparam + GPTQ + output ranges", QuantConfig(6, 6, gptq=True, range_metric="output"), False),
-    ("W6A6 reparam + GPTQ + output ranges, mixed", QuantConfig(6, 6, gptq=True, range_metric="output"), True),
+ROWS: list[tuple[str, QuantConfig | None, str | None]] = [
+    ("float", None, None),
+    ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), None),
+    ("W8A8 reparam", QuantConfig(8, 8), None),
+    ("W6A6 no reparam", QuantConfig(6, 6, **NO_REPARAM), None),
+    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT), None),
+    ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), None),
+    ("W6A6 reparam, heads not rotated", QuantConfig(6, 6, rotate_heads=False), None),
+    ("W6A6 reparam", QuantConfig(6, 6), None),
+    ("W6A6 reparam, mixed", QuantConfig(6, 6), "paper"),
+    ("W6A6 reparam, mixed, exact allocator", QuantConfig(6, 6), "exact"),
+    ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), None),
+    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), None),
+    ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), None),
+    ("W4A4 reparam, heads not rotated", QuantConfig(4, 4, rotate_heads=False), None),
+    ("W4A4 reparam", QuantConfig(4, 4), None),
+    ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), None),
+    ("W4A4 reparam, mixed", QuantConfig(4, 4), "paper"),
+    ("W4A4 reparam, mixed, exact allocator", QuantConfig(4, 4), "exact"),
+    ("W6A6 reparam + GPTQ", QuantConfig(6, 6, gptq=True), None),
+    ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), "paper"),
+    ("W6A6 reparam + GPTQ, mixed, exact allocator", QuantConfig(6, 6, gptq=True), "exact"),
+    ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), None),
+    ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), "paper"),
+    ("W4A4 reparam + GPTQ, mixed, exact allocator", QuantConfig(4, 4, gptq=True), "exact"),
+    ("W6A6 reparam + bias corr.", QuantConfig(6, 6, bias_correction=True), None),
+    ("W6A6 reparam + bias corr., mixed", QuantConfig(6, 6, bias_correction=True), "paper"),
+    ("W6A6 reparam + bias corr., mixed, exact allocator", QuantConfig(6, 6, bias_correction=True), "exact"),
+    ("W4A4 reparam + bias corr.", QuantConfig(4, 4, bias_correction=True), None),
+    ("W4A4 reparam + bias corr., mixed", QuantConfig(4, 4, bias_correction=True), "paper"),
+    ("W4A4 reparam + bias corr., mixed, exact allocator", QuantConfig(4, 4, bias_correction=True), "exact"),
+    ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), None),
+    ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), None),
+    ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), "paper"),
+    (
+        "W4A4 reparam + GPTQ + bias corr., mixed, exact allocator",
+        QuantConfig(4, 4, gptq=True, bias_correction=True),
+        "exact",
+    ),
+    ("W6A6 reparam + output ranges", QuantConfig(6, 6, range_metric="output"), None),
+    ("W6A6 reparam + GPTQ + output ranges", QuantConfig(6, 6, gptq=True, range_metric="output"), None),
+    ("W6A6 reparam + GPTQ + output ranges, mixed", QuantConfig(6, 6, gptq=True, range_metric="output"), "paper"),
+    (
+        "W6A6 reparam + GPTQ + output ranges, mixed, exact allocator",
+        QuantConfig(6, 6, gptq=True, range_metric="output"),
+        "exact",
+    ),
     (
         "W4A4 reparam + GPTQ + bias corr. + output ranges",
         QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
-        False,
+        None,
     ),
     (
         "W4A4 reparam + GPTQ + bias corr. + output ranges, mixed",
         QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
-        True,
+        "paper",
+    ),
+    (
+        "W4A4 reparam + GPTQ + bias corr. + output ranges, mixed, exact allocator",
+        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
+        "exact",
     ),
 ]
 
@@ -113,7 +135,8 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
 
     A config field added after a row was stored is absent from it and takes its default, which is
     right as long as new fields default to the behaviour that existed before them (``gptq`` does).
-    ``rotate_heads`` did not: the rows stored before it were rewritten to say ``rotate_heads: false``.
+    ``rotate_heads`` did not: the rows stored before it were rewritten to say ``rotate_heads: false``;
+    the mixed rows stored before the setting named the allocator were rewritten to say ``paper``.
     """
     if stored is None or {k: v for k, v in stored.items() if k != "config"} != {
         k: v for k, v in wanted.items() if k != "config"
@@ -128,7 +151,8 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
     """Top-1 of every row not already in ``done``, yielding all rows after each one.
 
     Rows are keyed by label, so an interrupted run resumes; a stored row is reused only if it was
-    measured with the same configuration, image limit and relevance images, and re-run otherwise.
+    measured with the same configuration, image limit, relevance images and allocator, and re-run
+    otherwise.
     """
     spec = resolve_model(str(ref.card))
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
@@ -136,11 +160,12 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
         draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
     )
     rows = {label: row for label, row in done.items() if label in {row_label for row_label, _, _ in ROWS}}
-    for label, config, mixed in ROWS:
+    for label, config, allocator in ROWS:
         setting = {
             "config": config.to_json_dict() if config is not None else None,
             "limit": limit,
-            "relevance_images": relevance_images if mixed else None,
+            "relevance_images": relevance_images if allocator else None,
+            "allocator": allocator,
         }
         if label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
@@ -149,8 +174,10 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
         started = time.perf_counter()
         plan_mean = None
         if config is not None:
-            if mixed:
-                plan, _ = relevance_bit_plan(model, relevance_set, wbits=config.wbits, abits=config.abits)
+            if allocator:
+                plan, _ = relevance_bit_plan(
+                    model, relevance_set, wbits=config.wbits, abits=config.abits, allocator=allocator
+                )
                 config = config.with_plan(plan)
                 plan_mean = {"wbits": plan.mean_bits("wbits"), "abits": plan.mean_bits("abits")}
             quantize(model, config, calib, progress=False)
