@@ -1,8 +1,9 @@
 """Turn per-layer relevance into per-layer bit widths under a mean-bits budget (LRP-QViT).
 
-Two allocators share one contract — integer widths within ``widths`` whose unweighted mean is the
-target — so they can be swapped behind ``make_bit_plan``: ``paper`` reproduces the published rule,
-``exact`` solves the budgeted problem optimally for a stated noise model.
+Three allocators share one contract — integer widths within ``widths`` whose unweighted mean is the
+target: ``paper`` reproduces the published rule and ``exact`` solves the budgeted problem optimally for
+a stated noise model, both from relevance (behind ``make_bit_plan``); ``noise_allocation`` solves it
+for noise measured per layer and width instead (``lrpq.layer_noise``).
 """
 
 from __future__ import annotations
@@ -181,6 +182,44 @@ def exact_allocation(
     for _, name, _ in increments[: _budget(target, len(relative)) - lo * len(relative)]:
         bits[name] += 1
     return bits
+
+
+def noise_allocation(noise: Mapping[str, Mapping[int, float]], target: float) -> dict[str, int]:
+    """Widths minimising the summed measured noise ``Σ noise[l][b_l]`` with ``Σ b_l`` exactly the budget.
+
+    ``noise[l][b]`` is what layer ``l`` alone costs at ``b`` bits (e.g. logit noise power), measured
+    for every width of one contiguous range. No shape is assumed (measured curves need not be convex
+    or even monotone), so this is a knapsack solved exactly by dynamic programming over layers and
+    bits spent: O(L · budget · widths). The budget is spent in full, so the unweighted mean equals the
+    target as with the other allocators; equal totals keep the first choice found, layers in the
+    mapping's order and widths from low to high, so the result is deterministic.
+    """
+    if not noise:
+        raise AllocationError("no layers to allocate; measure the noise of at least one layer")
+    widths = sorted(next(iter(noise.values())))
+    if not widths or widths != list(range(widths[0], widths[-1] + 1)):
+        raise AllocationError(f"measured widths {widths!r} are not a contiguous range; measure every width once")
+    lo, hi = _check_widths((widths[0], widths[-1]))
+    for name, curve in noise.items():
+        if sorted(curve) != widths:
+            raise AllocationError(f"layer {name!r} was measured at {sorted(curve)!r}, the others at {widths!r}")
+        _check_relevance({f"{name} at {b} bits": value for b, value in curve.items()}, what="noise")
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not lo <= target <= hi:
+        raise AllocationError(f"target={target!r} is infeasible; use a number from {lo} to {hi} (the widths)")
+    names = list(noise)
+    extra = _budget(target, len(names)) - lo * len(names)  # bits above lo for every layer, to spend exactly
+    # best[k] = (least noise, widths) of the layers so far with k extra bits spent.
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for name in names:
+        step: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for spent, (total, chosen) in best.items():
+            for bits in widths:
+                k = spent + bits - lo
+                candidate = total + float(noise[name][bits])
+                if k <= extra and (k not in step or candidate < step[k][0]):
+                    step[k] = (candidate, (*chosen, bits))
+        best = step
+    return dict(zip(names, best[extra][1], strict=True))
 
 
 def make_bit_plan(

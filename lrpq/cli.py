@@ -25,7 +25,8 @@ from lrpq.data import (
 )
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
-from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores
+from lrpq.layer_noise import DEFAULT_NOISE_IMAGES, SENSITIVITY_ALLOCATOR, measure_layer_noise, plan_from_noise
+from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d, QuantLinear
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
@@ -132,8 +133,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = _calibration_images(args, spec)
     model = build_model(spec)
     started = time.perf_counter()
-    scores = None
-    if args.mixed:
+    scores = noise = None
+    if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
+        widths = widths_for(config.wbits, config.abits)
+        noise = measure_layer_noise(model, config, calib, widths, images=min(args.noise_images, calib.shape[0]))
+        config = config.with_plan(plan_from_noise(noise, wbits=config.wbits, abits=config.abits))
+    elif args.mixed:
         scores = _layer_scores(args, spec, model)
         config = config.with_plan(
             plan_from_scores(model, scores, wbits=config.wbits, abits=config.abits, allocator=args.allocator)
@@ -155,11 +160,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     }
     if scores is not None:
         summary |= {"allocator": args.allocator, "relevance_images": scores.num_images}
+    if noise is not None:
+        summary |= {"allocator": args.allocator, "noise_images": noise.num_images}
 
     def write_scores(folder: Path) -> None:
         if scores is not None:
             scores.save(folder / "scores.json")
             scores.save_csv(folder / "scores.csv")
+        if noise is not None:
+            noise.save(folder / "noise.json")
 
     out = save_run(out_dir, model, spec, config, summary, overwrite=args.overwrite, extra_files=write_scores)
     print(f"quantized {spec.source} to W{config.wbits}A{config.abits} in {summary['calibration_seconds']} s → {out}")
@@ -291,7 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
     q.add_argument("--mixed", action="store_true", help="choose per-layer bits from relevance (mean = W/A bits)")
-    q.add_argument("--allocator", choices=ALLOCATORS, default="paper", help="paper rule or exact budgeted solver")
+    q.add_argument(
+        "--allocator",
+        choices=(*ALLOCATORS, SENSITIVITY_ALLOCATOR),
+        default="paper",
+        help="from relevance: the paper rule or the exact budgeted solver; sensitivity: from each layer's "
+        "measured logit noise at every width (one calibration per width)",
+    )
+    q.add_argument(
+        "--noise-images",
+        type=_positive_int,
+        default=DEFAULT_NOISE_IMAGES,
+        help=f"calibration images the sensitivity allocator measures on (default {DEFAULT_NOISE_IMAGES})",
+    )
     q.add_argument(
         "--relevance-images",
         type=_positive_int,

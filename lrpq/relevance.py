@@ -531,7 +531,7 @@ class Explanation:
     block_of: dict[str, str]
 
 
-def _block_of(names: Iterable[str], model: nn.Module) -> dict[str, str]:
+def block_of_layers(names: Iterable[str], model: nn.Module) -> dict[str, str]:
     """Each scored layer's block: its nearest enclosing block module, else the classifier 'head'."""
     blocks = [name for name, module in model.named_modules() if isinstance(module, _BLOCK_TYPES)]
     result = {}
@@ -578,7 +578,7 @@ def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None
         with torch.no_grad():
             r_input = ctx.propagate(model, one_hot)
         contributions, attention = ctx.finish((logits * one_hot).sum(), x.shape[0])
-    block_of = _block_of(contributions, model)
+    block_of = block_of_layers(contributions, model)
     return Explanation(labels, logits.detach(), contributions, attention, r_input.detach(), block_of)
 
 

@@ -15,6 +15,7 @@ from lrpq.allocate import (
     AllocationError,
     exact_allocation,
     make_bit_plan,
+    noise_allocation,
     paper_allocation,
     relative_importance,
     weighted_mean_bits,
@@ -223,6 +224,54 @@ def test_exact_budget_bounds_determinism_and_monotonicity(
     random.Random(1).shuffle(shuffled)
     assert exact_allocation(dict(shuffled), target) == bits
     assert list(bits) == list(relative)
+
+
+def test_noise_allocation_on_a_hand_worked_example() -> None:
+    # a loses 9 units of noise from 3 to 4 bits, b only 1: at a mean of 3.5 the one extra bit goes to a.
+    noise = {"a": {3: 10.0, 4: 1.0}, "b": {3: 2.0, 4: 1.0}}
+    assert noise_allocation(noise, 3.5) == {"a": 4, "b": 3}
+    # Measured curves need not be convex: c gains nothing from 4 bits but a lot from 5, so at a mean of
+    # 4 the solver pays for both of c's bits instead of one bit each (greedy would take d's bit first).
+    noise = {"c": {3: 9.0, 4: 9.0, 5: 0.0}, "d": {3: 3.0, 4: 0.0, 5: 0.0}}
+    assert noise_allocation(noise, 4) == {"c": 5, "d": 3}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.lists(st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=5),
+    st.integers(0, 12),
+)
+def test_noise_allocation_matches_brute_force_and_spends_the_budget(curves: list[list[float]], numerator: int) -> None:
+    widths = range(3, 7)
+    noise = {f"layer{i}": dict(zip(widths, curve, strict=True)) for i, curve in enumerate(curves)}
+    target = 3 + numerator / 4  # 3, 3.25, ..., 6
+    bits = noise_allocation(noise, target)
+    budget = math.floor(Fraction(numerator, 4) * len(curves)) + 3 * len(curves)
+    assert sum(bits.values()) == budget
+    assert all(3 <= b <= 6 for b in bits.values())
+    best = min(
+        sum(noise[name][b] for name, b in zip(noise, combo, strict=True))
+        for combo in itertools.product(widths, repeat=len(noise))
+        if sum(combo) == budget
+    )
+    assert math.isclose(sum(noise[name][b] for name, b in bits.items()), best, rel_tol=1e-12, abs_tol=1e-12)
+    assert noise_allocation(noise, target) == bits  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("noise", "target", "message"),
+    [
+        ({}, 4, "no layers"),
+        ({"a": {3: 1.0, 5: 0.0}}, 4, "contiguous"),
+        ({"a": {3: 1.0, 4: 0.0}, "b": {3: 1.0}}, 3, "measured at"),
+        ({"a": {3: -1.0, 4: 0.0}}, 3, "noise of"),
+        ({"a": {3: math.nan, 4: 0.0}}, 3, "noise of"),
+        ({"a": {3: 1.0, 4: 0.0}}, 5, "infeasible"),
+    ],
+)
+def test_noise_allocation_rejects_unusable_measurements(noise: dict, target: float, message: str) -> None:
+    with pytest.raises(AllocationError, match=message):
+        noise_allocation(noise, target)
 
 
 def test_exact_counts_a_float_product_that_lands_on_an_integer_as_that_integer() -> None:

@@ -334,6 +334,25 @@ def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
     assert summary["allocator"] == "exact" and summary["relevance_images"] == 4
 
 
+def test_sensitivity_allocator_run_writes_the_measured_noise_and_a_plan_at_the_budget(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace["root"] / "sensitivity"
+    args = quantize_args(workspace, "--mixed", "--allocator", "sensitivity", "--noise-images", "2", "--out", out)
+    args[args.index("--wbits") + 1] = "4"
+    status, _, err = run_cli(args, capsys)
+    assert status == 0, err
+    names = {path.name for path in out.iterdir()}
+    assert {"noise.json", "bits.json"} <= names and "scores.json" not in names
+    bits = json.loads((out / "bits.json").read_text())["layers"]
+    allocated = [bits[name] for name in bits if name.startswith("blocks.")]
+    assert sum(layer["abits"] for layer in allocated) == 4 * len(allocated)
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["num_images"] == 2 and set(noise["noise"]) == {name for name in bits if name.startswith("blocks.")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["allocator"] == "sensitivity" and summary["noise_images"] == 2
+
+
 def test_paper_rule_on_a_two_block_model_is_an_infeasible_allocation(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
