@@ -13,6 +13,7 @@ average bits. Calibration uses the fixed 32-image lists in ``calib/``; evaluatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -24,7 +25,14 @@ import torch
 from lrpq import QuantConfig, quantize
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
 from lrpq.evaluate import evaluate
-from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, relevance_bit_plan
+from lrpq.layer_noise import (
+    DEFAULT_NOISE_IMAGES,
+    SENSITIVITY_ALLOCATOR,
+    LayerNoise,
+    measure_layer_noise,
+    plan_from_noise,
+)
+from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, relevance_bit_plan, widths_for
 from lrpq.models import build_model, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,10 +63,11 @@ REFERENCES = {
 }
 
 # (row label, config or None for float, allocator for mixed precision or None for fixed bits). "mixed"
-# uses the paper rule, "mixed, exact allocator" the budgeted solver. "LN reparam" is RepQ-ViT's post-LayerNorm
-# reparameterization alone; "reparam" adds the same channel fold for the post-GELU input of fc2, the
-# key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not centred" leaves the keys as
-# they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
+# uses the paper rule, "mixed, exact allocator" the budgeted solver, both from relevance; "mixed, measured"
+# the sensitivity allocator (each layer's logit noise measured at every width). "LN reparam" is
+# RepQ-ViT's post-LayerNorm reparameterization alone; "reparam" adds the same channel fold for the
+# post-GELU input of fc2, the key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not
+# centred" leaves the keys as they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
 # clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
 # the calibration inputs instead of to the nearest level (opt-in); "bias corr." sets every layer's
 # quantized output mean back to its float mean, layer after layer (opt-in); "output ranges" compares
@@ -76,6 +85,7 @@ ROWS: list[tuple[str, QuantConfig | None, str | None]] = [
     ("W6A6 reparam", QuantConfig(6, 6), None),
     ("W6A6 reparam, mixed", QuantConfig(6, 6), "paper"),
     ("W6A6 reparam, mixed, exact allocator", QuantConfig(6, 6), "exact"),
+    ("W6A6 reparam, mixed, measured", QuantConfig(6, 6), SENSITIVITY_ALLOCATOR),
     ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), None),
     ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), None),
     ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), None),
@@ -84,18 +94,22 @@ ROWS: list[tuple[str, QuantConfig | None, str | None]] = [
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), None),
     ("W4A4 reparam, mixed", QuantConfig(4, 4), "paper"),
     ("W4A4 reparam, mixed, exact allocator", QuantConfig(4, 4), "exact"),
+    ("W4A4 reparam, mixed, measured", QuantConfig(4, 4), SENSITIVITY_ALLOCATOR),
     ("W6A6 reparam + GPTQ", QuantConfig(6, 6, gptq=True), None),
     ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), "paper"),
     ("W6A6 reparam + GPTQ, mixed, exact allocator", QuantConfig(6, 6, gptq=True), "exact"),
+    ("W6A6 reparam + GPTQ, mixed, measured", QuantConfig(6, 6, gptq=True), SENSITIVITY_ALLOCATOR),
     ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), None),
     ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), "paper"),
     ("W4A4 reparam + GPTQ, mixed, exact allocator", QuantConfig(4, 4, gptq=True), "exact"),
+    ("W4A4 reparam + GPTQ, mixed, measured", QuantConfig(4, 4, gptq=True), SENSITIVITY_ALLOCATOR),
     ("W6A6 reparam + bias corr.", QuantConfig(6, 6, bias_correction=True), None),
     ("W6A6 reparam + bias corr., mixed", QuantConfig(6, 6, bias_correction=True), "paper"),
     ("W6A6 reparam + bias corr., mixed, exact allocator", QuantConfig(6, 6, bias_correction=True), "exact"),
     ("W4A4 reparam + bias corr.", QuantConfig(4, 4, bias_correction=True), None),
     ("W4A4 reparam + bias corr., mixed", QuantConfig(4, 4, bias_correction=True), "paper"),
     ("W4A4 reparam + bias corr., mixed, exact allocator", QuantConfig(4, 4, bias_correction=True), "exact"),
+    ("W4A4 reparam + bias corr., mixed, measured", QuantConfig(4, 4, bias_correction=True), SENSITIVITY_ALLOCATOR),
     ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), None),
     ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), None),
     ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), "paper"),
@@ -103,6 +117,11 @@ ROWS: list[tuple[str, QuantConfig | None, str | None]] = [
         "W4A4 reparam + GPTQ + bias corr., mixed, exact allocator",
         QuantConfig(4, 4, gptq=True, bias_correction=True),
         "exact",
+    ),
+    (
+        "W4A4 reparam + GPTQ + bias corr., mixed, measured",
+        QuantConfig(4, 4, gptq=True, bias_correction=True),
+        SENSITIVITY_ALLOCATOR,
     ),
     ("W6A6 reparam + output ranges", QuantConfig(6, 6, range_metric="output"), None),
     ("W6A6 reparam + GPTQ + output ranges", QuantConfig(6, 6, gptq=True, range_metric="output"), None),
@@ -147,6 +166,18 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
     return QuantConfig.from_json_dict(stored["config"]) == QuantConfig.from_json_dict(wanted["config"])
 
 
+def _measured_noise(
+    cache: dict[str, tuple[LayerNoise, float]], model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor
+) -> tuple[LayerNoise, float]:
+    """The layer noise for ``config`` (measured without GPTQ and bias correction, so cached without them)."""
+    key = json.dumps(dataclasses.replace(config, gptq=False, bias_correction=False).to_json_dict(), sort_keys=True)
+    if key not in cache:
+        started = time.perf_counter()
+        noise = measure_layer_noise(model, config, calib, widths_for(config.wbits, config.abits), progress=False)
+        cache[key] = noise, time.perf_counter() - started
+    return cache[key]
+
+
 def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int, done: dict) -> Iterator[dict]:
     """Top-1 of every row not already in ``done``, yielding all rows after each one.
 
@@ -160,21 +191,28 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
         draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
     )
     rows = {label: row for label, row in done.items() if label in {row_label for row_label, _, _ in ROWS}}
+    measured: dict[str, tuple[LayerNoise, float]] = {}  # rows that differ only in GPTQ / bias corr. share one
     for label, config, allocator in ROWS:
         setting = {
             "config": config.to_json_dict() if config is not None else None,
             "limit": limit,
-            "relevance_images": relevance_images if allocator else None,
+            "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
             "allocator": allocator,
-        }
+        } | ({"noise_images": DEFAULT_NOISE_IMAGES} if allocator == SENSITIVITY_ALLOCATOR else {})
         if label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
         model = build_model(spec)
         started = time.perf_counter()
         plan_mean = None
+        measure_seconds = None
         if config is not None:
-            if allocator:
+            if allocator == SENSITIVITY_ALLOCATOR:
+                noise, measure_seconds = _measured_noise(measured, model, config, calib)
+                plan = plan_from_noise(noise, wbits=config.wbits, abits=config.abits)
+                config = config.with_plan(plan)
+                plan_mean = {"wbits": plan.mean_bits("wbits"), "abits": plan.mean_bits("abits")}
+            elif allocator:
                 plan, _ = relevance_bit_plan(
                     model, relevance_set, wbits=config.wbits, abits=config.abits, allocator=allocator
                 )
@@ -188,6 +226,7 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
             **result.to_json_dict(),
             "quantize_seconds": round(seconds, 1),
             "plan": plan_mean,
+            **({"measure_seconds": round(measure_seconds, 1)} if measure_seconds is not None else {}),
             "setting": setting,
         }
         print(f"{ref.label:<28} {label:<34} top-1 {result.top1:6.2f}%", flush=True)
