@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
     )
     q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
-    q.add_argument("--mixed", action="store_true", help="choose per-layer bits from relevance (mean = W/A bits)")
+    q.add_argument("--mixed", action="store_true", help="choose per-layer bits (mean = W/A bits) by --allocator")
     q.add_argument(
         "--allocator",
         choices=(*ALLOCATORS, SENSITIVITY_ALLOCATOR),
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-images",
         type=_positive_int,
         default=DEFAULT_NOISE_IMAGES,
-        help=f"calibration images the sensitivity allocator measures on (default {DEFAULT_NOISE_IMAGES})",
+        help=f"calibration images the sensitivity allocator measures on (default {DEFAULT_NOISE_IMAGES}, "
+        "at most the calibration set)",
     )
     q.add_argument(
         "--relevance-images",
