@@ -317,19 +317,27 @@ def test_python_m_lrpq_exits_2_without_traceback(python_m_lrpq: tuple[int, str, 
     assert list(folder.iterdir()) == []  # nothing written (no default runs/ folder)
 
 
-def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
-    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = workspace["root"] / "mixed"
-    args = quantize_args(workspace, "--mixed", "--allocator", "exact", "--relevance-images", "4", "--out", out)
+def mixed_w4_run(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str, *extra: str
+) -> tuple[Path, dict[str, dict[str, int]]]:
+    """``lrpq quantize CARD --wbits 4 --mixed EXTRA --out ROOT/NAME``; checks the block layers' mean of 4 bits."""
+    out = workspace["root"] / name
+    args = quantize_args(workspace, "--mixed", *extra, "--out", out)
     args[args.index("--wbits") + 1] = "4"
     status, _, err = run_cli(args, capsys)
     assert status == 0, err
-    assert {"scores.json", "scores.csv", "bits.json"} <= {path.name for path in out.iterdir()}
     bits = json.loads((out / "bits.json").read_text())["layers"]
-    allocated = [bits[name] for name in bits if name.startswith("blocks.")]
-    assert sum(layer["abits"] for layer in allocated) == 4 * len(allocated)
-    assert len({layer["abits"] for layer in allocated}) > 1  # mixed, not uniform
+    allocated = {layer: bits[layer] for layer in bits if layer.startswith("blocks.")}
+    assert sum(layer["abits"] for layer in allocated.values()) == 4 * len(allocated)
+    return out, allocated
+
+
+def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, allocated = mixed_w4_run(workspace, capsys, "mixed", "--allocator", "exact", "--relevance-images", "4")
+    assert {"scores.json", "scores.csv", "bits.json"} <= {path.name for path in out.iterdir()}
+    assert len({layer["abits"] for layer in allocated.values()}) > 1  # mixed, not uniform
     summary = json.loads((out / "summary.json").read_text())
     assert summary["allocator"] == "exact" and summary["relevance_images"] == 4
 
@@ -337,18 +345,11 @@ def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
 def test_sensitivity_allocator_run_writes_the_measured_noise_and_a_plan_at_the_budget(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = workspace["root"] / "sensitivity"
-    args = quantize_args(workspace, "--mixed", "--allocator", "sensitivity", "--noise-images", "2", "--out", out)
-    args[args.index("--wbits") + 1] = "4"
-    status, _, err = run_cli(args, capsys)
-    assert status == 0, err
+    out, allocated = mixed_w4_run(workspace, capsys, "sensitivity", "--allocator", "sensitivity", "--noise-images", "2")
     names = {path.name for path in out.iterdir()}
     assert {"noise.json", "bits.json"} <= names and "scores.json" not in names
-    bits = json.loads((out / "bits.json").read_text())["layers"]
-    allocated = [bits[name] for name in bits if name.startswith("blocks.")]
-    assert sum(layer["abits"] for layer in allocated) == 4 * len(allocated)
     noise = json.loads((out / "noise.json").read_text())
-    assert noise["num_images"] == 2 and set(noise["noise"]) == {name for name in bits if name.startswith("blocks.")}
+    assert noise["num_images"] == 2 and set(noise["noise"]) == set(allocated)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["allocator"] == "sensitivity" and summary["noise_images"] == 2
 
