@@ -210,12 +210,11 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
             if allocator == SENSITIVITY_ALLOCATOR:
                 noise, measure_seconds = _measured_noise(measured, model, config, calib)
                 plan = plan_from_noise(noise, wbits=config.wbits, abits=config.abits)
-                config = config.with_plan(plan)
-                plan_mean = {"wbits": plan.mean_bits("wbits"), "abits": plan.mean_bits("abits")}
             elif allocator:
                 plan, _ = relevance_bit_plan(
                     model, relevance_set, wbits=config.wbits, abits=config.abits, allocator=allocator
                 )
+            if allocator:
                 config = config.with_plan(plan)
                 plan_mean = {"wbits": plan.mean_bits("wbits"), "abits": plan.mean_bits("abits")}
             quantize(model, config, calib, progress=False)
