@@ -27,12 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrpq.allocate import noise_allocation
-from lrpq.api import input_quantizers, quant_layers, quantize
+from lrpq.api import quant_layers, quantize
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.mixed import ALLOCATION_EXCLUDED_BLOCKS
-from lrpq.modules import QuantMatMul
-from lrpq.noise import only_quantizing
+from lrpq.noise import layer_points, only_quantizing
 from lrpq.relevance import block_of_layers
 
 DEFAULT_NOISE_IMAGES = 8
@@ -55,14 +54,6 @@ class LayerNoise:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
-
-
-def _points(layer: nn.Module) -> dict[str, list[str]]:
-    """A layer's quantization points by kind: its weight (if it has one) and its inputs."""
-    points = {"inputs": [quantizer.name for quantizer in input_quantizers(layer)]}
-    if not isinstance(layer, QuantMatMul):
-        points["weight"] = [layer.weight_quantizer.name]
-    return points
 
 
 @torch.no_grad()
@@ -99,7 +90,7 @@ def measure_layer_noise(
             reference = quantized(measured)
         power = reference.pow(2).sum().item()
         for name in layers:
-            for kind, points in _points(every[name]).items():
+            for kind, points in layer_points(every[name]).items():
                 with only_quantizing(quantized, points):
                     error = (quantized(measured) - reference).pow(2).sum().item()
                 noise.setdefault(name, {}).setdefault(kind, {})[bits] = error / power

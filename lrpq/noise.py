@@ -49,14 +49,21 @@ def only_quantizing(model: nn.Module, points: Collection[str]) -> Iterator[None]
             quantizer.mode = saved[name]
 
 
+def layer_points(layer: nn.Module) -> dict[str, list[str]]:
+    """A quantized layer's points by kind: ``inputs`` (input or both matmul operands) and ``weight``."""
+    points = {"inputs": [quantizer.name for quantizer in input_quantizers(layer)]}
+    if not isinstance(layer, QuantMatMul):
+        points["weight"] = [layer.weight_quantizer.name]
+    return points
+
+
 def groups_by_layer(model: nn.Module) -> dict[str, list[str]]:
-    """``<layer> inputs`` (input or both matmul operands) and ``<layer> weight`` point groups, per layer."""
-    groups: dict[str, list[str]] = {}
-    for name, layer in quant_layers(model).items():
-        groups[f"{name} inputs"] = [quantizer.name for quantizer in input_quantizers(layer)]
-        if not isinstance(layer, QuantMatMul):
-            groups[f"{name} weight"] = [layer.weight_quantizer.name]
-    return groups
+    """``<layer> inputs`` and ``<layer> weight`` point groups, per layer."""
+    return {
+        f"{name} {kind}": points
+        for name, layer in quant_layers(model).items()
+        for kind, points in layer_points(layer).items()
+    }
 
 
 def groups_by_kind(model: nn.Module) -> dict[str, list[str]]:
