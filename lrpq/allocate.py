@@ -40,6 +40,17 @@ def _check_widths(widths: tuple[int, int]) -> tuple[int, int]:
     return widths
 
 
+def _check_mean_target(target: float, lo: int, hi: int) -> None:
+    """A mean-bits target the budgeted solvers can meet: a finite real number within the widths."""
+    if (
+        isinstance(target, bool)
+        or not isinstance(target, numbers.Real)
+        or not math.isfinite(target)
+        or not lo <= target <= hi
+    ):
+        raise AllocationError(f"target={target!r} is infeasible; use a number from {lo} to {hi} (the widths)")
+
+
 def _check_relevance(relative: Mapping[str, float], *, what: str = "relevance") -> None:
     """Reject values that would make an ordering or a weighted objective meaningless."""
     for name, value in relative.items():
@@ -156,13 +167,7 @@ def exact_allocation(
     gains go to the smaller name, so the result is independent of the mapping's order.
     """
     lo, hi = _check_widths(widths)
-    if (
-        isinstance(target, bool)
-        or not isinstance(target, numbers.Real)
-        or not math.isfinite(target)
-        or not lo <= target <= hi
-    ):
-        raise AllocationError(f"target={target!r} is infeasible; use a number from {lo} to {hi} (the widths)")
+    _check_mean_target(target, lo, hi)
     _check_relevance(relative)
     scale = {name: 1.0 for name in relative}
     if weights is not None:
@@ -204,8 +209,7 @@ def noise_allocation(noise: Mapping[str, Mapping[int, float]], target: float) ->
         if sorted(curve) != widths:
             raise AllocationError(f"layer {name!r} was measured at {sorted(curve)!r}, the others at {widths!r}")
         _check_relevance({f"{name} at {b} bits": value for b, value in curve.items()}, what="noise")
-    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not lo <= target <= hi:
-        raise AllocationError(f"target={target!r} is infeasible; use a number from {lo} to {hi} (the widths)")
+    _check_mean_target(target, lo, hi)
     names = list(noise)
     extra = _budget(target, len(names)) - lo * len(names)  # bits above lo for every layer, to spend exactly
     # best[k] = (least noise, widths) of the layers so far with k extra bits spent.
