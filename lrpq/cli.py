@@ -92,7 +92,7 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
         rotate_heads=not args.no_head_rotation,
-        gptq=args.gptq,
+        gptq=not args.no_gptq,
         bias_correction=args.bias_correction,
         range_metric=args.range_metric,
         clip_k=args.clip_k,
@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave attention heads unrotated (no Hadamard rotation of q, k and v through qkv and proj)",
     )
-    q.add_argument("--gptq", action="store_true", help="round Linear weights by GPTQ instead of to the nearest level")
+    q.add_argument(
+        "--no-gptq", action="store_true", help="round weights to the nearest level (RepQ-ViT) instead of by GPTQ"
+    )
     q.add_argument(
         "--bias-correction",
         action="store_true",

@@ -1,9 +1,10 @@
 """Which quantization points cost a shared reference model its accuracy: logit SNR per group.
 
-Quantizes the reference model as ``results_table.py`` does, then switches on one group of points at a
-time (``lrpq.noise``) on images spread over the dev folder and prints each group's logit SNR against
-the same model with every quantizer off, worst first. Groups are point kinds across blocks (``mlp.fc2.input``,
-``attn.matmul1.a`` …) or, with ``--by layer``, each layer's inputs and weight.
+Quantizes the reference model as ``results_table.py`` does, but with nearest rounding unless
+``--gptq``, then switches on one group of points at a time (``lrpq.noise``) on images spread over the
+dev folder and prints each group's logit SNR against the same model with every quantizer off, worst
+first. Groups are point kinds across blocks (``mlp.fc2.input``, ``attn.matmul1.a`` …) or, with
+``--by layer``, each layer's inputs and weight.
 
     python scripts/noise_breakdown.py --models ref-B --wbits 6 --abits 6 --images 150
     python scripts/noise_breakdown.py --models ref-B --wbits 4 --abits 4 --by layer --json noise.json
@@ -43,7 +44,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=["ref-B"])
     parser.add_argument("--wbits", type=int, default=6)
     parser.add_argument("--abits", type=int, default=6)
-    parser.add_argument("--gptq", action="store_true", help="round weights by GPTQ (then every group includes them)")
+    parser.add_argument(
+        "--gptq",
+        action="store_true",
+        help="round weights by GPTQ, lrpq's default (off here: GPTQ's rounded weights "
+        "stay with their quantizers off, so every group would include them)",
+    )
     parser.add_argument("--images", type=int, default=150, help="dev images, spread over every class")
     parser.add_argument("--by", choices=("kind", "layer"), default="kind")
     parser.add_argument("--json", type=Path, help="write {model: {group: snr_db}} here")

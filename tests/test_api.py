@@ -137,9 +137,9 @@ def test_center_keys_puts_every_key_channel_range_around_zero() -> None:
         keys = keys.permute(0, 2, 1, 3).reshape(-1, 48)  # channel = head·head_dim + d, as in the qkv output
         return (keys.amin(0) + keys.amax(0)) / 2
 
-    centred = key_midpoints(QuantConfig(8, 8))
+    centred = key_midpoints(QuantConfig(8, 8, gptq=False))  # GPTQ would move the float keys by its rounding
     assert centred.abs().max() < 1e-4
-    assert key_midpoints(QuantConfig(8, 8, center_keys=False)).abs().max() > 3.0
+    assert key_midpoints(QuantConfig(8, 8, center_keys=False, gptq=False)).abs().max() > 3.0
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -284,7 +284,7 @@ def test_reference_dinov2_keys_need_centring(shared_dir: Path) -> None:
     the heads spreads the offsets over each head (23.8 dB uncentred, 28.5 centred on these 8 images),
     so centring still has to win by a third of the noise power there."""
     configs = {
-        (rotated, centred): QuantConfig(6, 6, center_keys=centred, rotate_heads=rotated)
+        (rotated, centred): QuantConfig(6, 6, center_keys=centred, rotate_heads=rotated, gptq=False)
         for rotated in (False, True)
         for centred in (True, False)
     }
@@ -298,7 +298,7 @@ def test_reference_dinov2_rotated_heads_quantize_better(shared_dir: Path) -> Non
     """ref-B with only what the head rotation touches quantized at 6 bits (q·kᵀ and attn·v operands, proj
     inputs): the rotation must lower that noise clearly (measured: 21.0 dB unrotated, 23.7 dB rotated on
     these 8 images)."""
-    configs = {rotated: QuantConfig(6, 6, rotate_heads=rotated) for rotated in (True, False)}
+    configs = {rotated: QuantConfig(6, 6, rotate_heads=rotated, gptq=False) for rotated in (True, False)}
     touched = ("attn.matmul1.a", "attn.matmul1.b", "attn.matmul2.b", "attn.proj.input")
     snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs, points=touched)
     assert snr[True] > snr[False] + 1.5, snr  # 30% less noise power at least

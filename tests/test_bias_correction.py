@@ -136,6 +136,6 @@ def test_reference_dinov2_w4a4_bias_correction_removes_much_of_the_logit_noise(s
     """On ref-B, 4-bit layers shift their outputs on average and the shifts compound through the blocks:
     correcting the means layer after layer raised the W4A4 logit SNR from 1.8 to 4.0 dB (32 calibration
     images, 600 dev images) and from 1.3 to 2.8 dB on this draw (8 and 8); demand a clear part of that."""
-    configs = {"corrected": QuantConfig(4, 4, bias_correction=True), "plain": QuantConfig(4, 4)}
+    configs = {"corrected": QuantConfig(4, 4, bias_correction=True, gptq=False), "plain": QuantConfig(4, 4, gptq=False)}
     snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs)
     assert snr["corrected"] > snr["plain"] + 1.0, snr
