@@ -171,12 +171,13 @@ def test_no_reparam_flags_reach_the_saved_config(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = workspace["root"] / "plain"
-    flags = ("--no-crl", "--no-gelu-reparam", "--no-key-centring", "--no-head-rotation")
+    flags = ("--no-crl", "--no-gelu-reparam", "--no-key-centring", "--no-head-rotation", "--no-gptq")
     status, _, err = run_cli(quantize_args(workspace, *flags, "--out", run), capsys)
     assert status == 0, err
     config = json.loads((run / "config.json").read_text())["quant"]
-    switches = ("crl", "post_gelu_reparam", "center_keys", "rotate_heads")
-    assert [config[name] for name in switches] == [False] * 4
+    summary = json.loads((run / "summary.json").read_text())
+    switches = ("crl", "post_gelu_reparam", "center_keys", "rotate_heads", "gptq")
+    assert [config[name] for name in switches] == [summary[name] for name in switches] == [False] * 5
     model, _, _ = load_run(run)
     assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())
 
@@ -264,7 +265,9 @@ def test_quantize_then_eval_happy_path(happy_path: dict[str, object]) -> None:
     assert status == 0, err
     assert str(run) in out and "W8A8" in out
     assert (run / "model.safetensors").is_file()
-    assert json.loads((run / "summary.json").read_text())["calibration_images"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["calibration_images"] == 4
+    assert summary["gptq"] is True and summary["bias_correction"] is False  # the defaults, said in the summary
 
     status, out, err = happy_path["eval"]
     assert status == 0, err
