@@ -68,84 +68,64 @@ REFERENCES = {
 # RepQ-ViT's post-LayerNorm reparameterization alone; "reparam" adds the same channel fold for the
 # post-GELU input of fc2, the key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not
 # centred" leaves the keys as they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
-# clips the channel scales of both folds to mean ± 2·std; "GPTQ" rounds the Linear weights by GPTQ on
-# the calibration inputs instead of to the nearest level (opt-in); "bias corr." sets every layer's
-# quantized output mean back to its float mean, layer after layer (opt-in); "output ranges" compares
-# activation ranges by the first-order error they cause at the logits (range_metric="output", opt-in).
+# clips the channel scales of both folds to mean ± 2·std. Weights are rounded by GPTQ (the default)
+# unless the row says "nearest rounding" (``gptq=False``, RepQ-ViT's rounding). "bias corr." sets every
+# layer's quantized output mean back to its float mean, layer after layer (opt-in); "output ranges"
+# compares activation ranges by the first-order error they cause at the logits (range_metric="output",
+# opt-in).
 NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
-ROWS: list[tuple[str, QuantConfig | None, str | None]] = [
+NEAREST = {"gptq": False}
+BC = {"bias_correction": True}
+OUTPUT = {"range_metric": "output"}
+MIXED = (("mixed", "paper"), ("mixed, exact allocator", "exact"), ("mixed, measured", SENSITIVITY_ALLOCATOR))
+Row = tuple[str, QuantConfig | None, str | None]
+
+
+def _with_mixed(label: str, config: QuantConfig, allocators: tuple[str, ...]) -> list[Row]:
+    """The fixed-bit row and its mixed-precision twins with the named allocators, same mean bits."""
+    return [(label, config, None)] + [
+        (f"{label}, {suffix}", config, allocator) for suffix, allocator in MIXED if allocator in allocators
+    ]
+
+
+ALL = ("paper", "exact", SENSITIVITY_ALLOCATOR)
+RELEVANCE = ("paper", "exact")
+ROWS: list[Row] = [
     ("float", None, None),
     ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), None),
     ("W8A8 reparam", QuantConfig(8, 8), None),
     ("W6A6 no reparam", QuantConfig(6, 6, **NO_REPARAM), None),
-    ("W6A6 LN reparam (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT), None),
+    ("W6A6 LN reparam", QuantConfig(6, 6, **REPQ_VIT), None),
     ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), None),
     ("W6A6 reparam, heads not rotated", QuantConfig(6, 6, rotate_heads=False), None),
-    ("W6A6 reparam", QuantConfig(6, 6), None),
-    ("W6A6 reparam, mixed", QuantConfig(6, 6), "paper"),
-    ("W6A6 reparam, mixed, exact allocator", QuantConfig(6, 6), "exact"),
-    ("W6A6 reparam, mixed, measured", QuantConfig(6, 6), SENSITIVITY_ALLOCATOR),
+    *_with_mixed("W6A6 reparam", QuantConfig(6, 6), ALL),
     ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), None),
-    ("W4A4 LN reparam (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT), None),
+    ("W4A4 LN reparam", QuantConfig(4, 4, **REPQ_VIT), None),
     ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), None),
     ("W4A4 reparam, heads not rotated", QuantConfig(4, 4, rotate_heads=False), None),
-    ("W4A4 reparam", QuantConfig(4, 4), None),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), None),
-    ("W4A4 reparam, mixed", QuantConfig(4, 4), "paper"),
-    ("W4A4 reparam, mixed, exact allocator", QuantConfig(4, 4), "exact"),
-    ("W4A4 reparam, mixed, measured", QuantConfig(4, 4), SENSITIVITY_ALLOCATOR),
-    ("W6A6 reparam + GPTQ", QuantConfig(6, 6, gptq=True), None),
-    ("W6A6 reparam + GPTQ, mixed", QuantConfig(6, 6, gptq=True), "paper"),
-    ("W6A6 reparam + GPTQ, mixed, exact allocator", QuantConfig(6, 6, gptq=True), "exact"),
-    ("W6A6 reparam + GPTQ, mixed, measured", QuantConfig(6, 6, gptq=True), SENSITIVITY_ALLOCATOR),
-    ("W4A4 reparam + GPTQ", QuantConfig(4, 4, gptq=True), None),
-    ("W4A4 reparam + GPTQ, mixed", QuantConfig(4, 4, gptq=True), "paper"),
-    ("W4A4 reparam + GPTQ, mixed, exact allocator", QuantConfig(4, 4, gptq=True), "exact"),
-    ("W4A4 reparam + GPTQ, mixed, measured", QuantConfig(4, 4, gptq=True), SENSITIVITY_ALLOCATOR),
-    ("W6A6 reparam + bias corr.", QuantConfig(6, 6, bias_correction=True), None),
-    ("W6A6 reparam + bias corr., mixed", QuantConfig(6, 6, bias_correction=True), "paper"),
-    ("W6A6 reparam + bias corr., mixed, exact allocator", QuantConfig(6, 6, bias_correction=True), "exact"),
-    ("W4A4 reparam + bias corr.", QuantConfig(4, 4, bias_correction=True), None),
-    ("W4A4 reparam + bias corr., mixed", QuantConfig(4, 4, bias_correction=True), "paper"),
-    ("W4A4 reparam + bias corr., mixed, exact allocator", QuantConfig(4, 4, bias_correction=True), "exact"),
-    ("W4A4 reparam + bias corr., mixed, measured", QuantConfig(4, 4, bias_correction=True), SENSITIVITY_ALLOCATOR),
-    ("W6A6 reparam + GPTQ + bias corr.", QuantConfig(6, 6, gptq=True, bias_correction=True), None),
-    ("W4A4 reparam + GPTQ + bias corr.", QuantConfig(4, 4, gptq=True, bias_correction=True), None),
-    ("W4A4 reparam + GPTQ + bias corr., mixed", QuantConfig(4, 4, gptq=True, bias_correction=True), "paper"),
-    (
-        "W4A4 reparam + GPTQ + bias corr., mixed, exact allocator",
-        QuantConfig(4, 4, gptq=True, bias_correction=True),
-        "exact",
-    ),
-    (
-        "W4A4 reparam + GPTQ + bias corr., mixed, measured",
-        QuantConfig(4, 4, gptq=True, bias_correction=True),
-        SENSITIVITY_ALLOCATOR,
-    ),
-    ("W6A6 reparam + output ranges", QuantConfig(6, 6, range_metric="output"), None),
-    ("W6A6 reparam + GPTQ + output ranges", QuantConfig(6, 6, gptq=True, range_metric="output"), None),
-    ("W6A6 reparam + GPTQ + output ranges, mixed", QuantConfig(6, 6, gptq=True, range_metric="output"), "paper"),
-    (
-        "W6A6 reparam + GPTQ + output ranges, mixed, exact allocator",
-        QuantConfig(6, 6, gptq=True, range_metric="output"),
-        "exact",
-    ),
-    (
-        "W4A4 reparam + GPTQ + bias corr. + output ranges",
-        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
-        None,
-    ),
-    (
-        "W4A4 reparam + GPTQ + bias corr. + output ranges, mixed",
-        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
-        "paper",
-    ),
-    (
-        "W4A4 reparam + GPTQ + bias corr. + output ranges, mixed, exact allocator",
-        QuantConfig(4, 4, gptq=True, bias_correction=True, range_metric="output"),
-        "exact",
-    ),
+    *_with_mixed("W4A4 reparam", QuantConfig(4, 4), ALL),
+    ("W6A6 reparam + bias corr.", QuantConfig(6, 6, **BC), None),
+    *_with_mixed("W4A4 reparam + bias corr.", QuantConfig(4, 4, **BC), ALL),
+    *_with_mixed("W6A6 reparam + output ranges", QuantConfig(6, 6, **OUTPUT), ALL),
+    *_with_mixed("W4A4 reparam + output ranges", QuantConfig(4, 4, **OUTPUT), (SENSITIVITY_ALLOCATOR,)),
+    *_with_mixed("W4A4 reparam + bias corr. + output ranges", QuantConfig(4, 4, **BC, **OUTPUT), RELEVANCE),
+    ("W8A8 reparam, nearest rounding", QuantConfig(8, 8, **NEAREST), None),
+    ("W6A6 no reparam, nearest rounding", QuantConfig(6, 6, **NO_REPARAM, **NEAREST), None),
+    ("W6A6 LN reparam, nearest rounding (RepQ-ViT)", QuantConfig(6, 6, **REPQ_VIT, **NEAREST), None),
+    ("W6A6 reparam, nearest rounding, keys not centred", QuantConfig(6, 6, center_keys=False, **NEAREST), None),
+    ("W6A6 reparam, nearest rounding, heads not rotated", QuantConfig(6, 6, rotate_heads=False, **NEAREST), None),
+    *_with_mixed("W6A6 reparam, nearest rounding", QuantConfig(6, 6, **NEAREST), ALL),
+    ("W4A4 no reparam, nearest rounding", QuantConfig(4, 4, **NO_REPARAM, **NEAREST), None),
+    ("W4A4 LN reparam, nearest rounding (RepQ-ViT)", QuantConfig(4, 4, **REPQ_VIT, **NEAREST), None),
+    ("W4A4 reparam, nearest rounding, keys not centred", QuantConfig(4, 4, center_keys=False, **NEAREST), None),
+    ("W4A4 reparam, nearest rounding, heads not rotated", QuantConfig(4, 4, rotate_heads=False, **NEAREST), None),
+    ("W4A4 reparam, nearest rounding + CRL k=2", QuantConfig(4, 4, clip_k=2.0, **NEAREST), None),
+    *_with_mixed("W4A4 reparam, nearest rounding", QuantConfig(4, 4, **NEAREST), ALL),
+    *_with_mixed("W6A6 reparam, nearest rounding + bias corr.", QuantConfig(6, 6, **NEAREST, **BC), RELEVANCE),
+    *_with_mixed("W4A4 reparam, nearest rounding + bias corr.", QuantConfig(4, 4, **NEAREST, **BC), ALL),
+    ("W6A6 reparam, nearest rounding + output ranges", QuantConfig(6, 6, **NEAREST, **OUTPUT), None),
 ]
 
 
@@ -153,9 +133,10 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
     """Whether a stored row was measured as ``wanted`` asks, reading its config through QuantConfig.
 
     A config field added after a row was stored is absent from it and takes its default, which is
-    right as long as new fields default to the behaviour that existed before them (``gptq`` does).
-    ``rotate_heads`` did not: the rows stored before it were rewritten to say ``rotate_heads: false``;
-    the mixed rows stored before the setting named the allocator were rewritten to say ``paper``.
+    right as long as new fields default to the behaviour that existed before them. ``rotate_heads`` did
+    not, nor did ``gptq`` once it became the default: the rows stored before each were rewritten to say
+    ``false``, and relabelled ("nearest rounding") where the label had meant the default; the mixed
+    rows stored before the setting named the allocator were rewritten to say ``paper``.
     """
     if stored is None or {k: v for k, v in stored.items() if k != "config"} != {
         k: v for k, v in wanted.items() if k != "config"
