@@ -96,8 +96,8 @@ class QuantConfig:
     default: the folds move channel factors into the sinks' weight columns, and GPTQ spends the
     rounding error where the inputs are small; it raised the logit SNR of the W4A4 and W6A6 models of
     both references (README), for about twice the calibration time on deit_s (``lrpq bench``).
-    ``bias_correction`` sets every Linear and Conv2d output mean
-    back to its float mean, layer after layer (``lrpq.bias_correction``; opt-in, two more passes).
+    ``bias_correction`` sets every Linear and Conv2d output mean back to its float mean, layer after
+    layer (``lrpq.bias_correction``; opt-in, two more passes).
     ``range_metric`` is how an activation quantizer's candidate ranges are compared: ``"mse"``, the
     squared error of the tensor (RepQ-ViT); ``"output"``, each element's squared error weighted by the
     squared gradient of a random projection of the logits, i.e. the first-order error at the output

@@ -79,6 +79,8 @@ NEAREST = {"gptq": False}
 BC = {"bias_correction": True}
 OUTPUT = {"range_metric": "output"}
 MIXED = (("mixed", "paper"), ("mixed, exact allocator", "exact"), ("mixed, measured", SENSITIVITY_ALLOCATOR))
+ALL = ("paper", "exact", SENSITIVITY_ALLOCATOR)
+RELEVANCE = ("paper", "exact")
 Row = tuple[str, QuantConfig | None, str | None]
 
 
@@ -89,8 +91,6 @@ def _with_mixed(label: str, config: QuantConfig, allocators: tuple[str, ...]) ->
     ]
 
 
-ALL = ("paper", "exact", SENSITIVITY_ALLOCATOR)
-RELEVANCE = ("paper", "exact")
 ROWS: list[Row] = [
     ("float", None, None),
     ("naive W4A4 (per-tensor min-max)", QuantConfig.naive(4, 4), None),
