@@ -1,4 +1,4 @@
-"""Measured quantization sensitivity: what each block layer alone costs the logits at every width.
+"""Measured quantization sensitivity: what each quantized layer alone costs the logits at every width.
 
 Relevance says how much a layer contributes to the prediction, not how much quantizing it hurts; on
 the reference DINOv2 ViT-S/14 the two disagree (its least relevant layers include the most sensitive
@@ -7,6 +7,11 @@ points), so relevance-driven plans lose to fixed bits there. Following Mix-QViT 
 layer its weight, then its inputs, are quantized alone while all else stays float; the logit noise
 power relative to the float logits, on a few calibration images, is that layer's cost at that width.
 ``lrpq.allocate.noise_allocation`` then spends the budget where it removes the most noise.
+
+Every quantized layer is measured and allocated, the patch embedding and the head too: the budget is
+the mean width over the quantized layers, and on the reference ViT CIFAR-10 the 4-bit patch-embedding
+weight is the largest single noise point. An input whose width the config pins whatever the target
+(the patch embedding's, the image, at ``conv_abits``) is not measured and keeps that width.
 
 GPTQ and bias correction are left out of the measurement: GPTQ rounds weights in place (they would
 stay rounded with their quantizers off) and bias correction moves every bias against the error of all
@@ -18,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrpq.allocate import noise_allocation
-from lrpq.api import quant_layers, quantize
+from lrpq.api import input_quantizers, quant_layers, quantize
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
-from lrpq.mixed import ALLOCATION_EXCLUDED_BLOCKS
 from lrpq.noise import layer_points, only_quantizing
-from lrpq.relevance import block_of_layers
 
 DEFAULT_NOISE_IMAGES = 8
 SENSITIVITY_ALLOCATOR = "sensitivity"  # the CLI name of this allocator, beside lrpq.allocate.ALLOCATORS
@@ -40,10 +43,14 @@ SENSITIVITY_ALLOCATOR = "sensitivity"  # the CLI name of this allocator, beside 
 
 @dataclass
 class LayerNoise:
-    """``noise[layer][kind][bits]``: logit noise power / float logit power with only that point quantized."""
+    """``noise[layer][kind][bits]``: logit noise power / float logit power with only that point quantized.
+
+    ``pinned_abits`` are the layers whose input width does not follow the target (not measured).
+    """
 
     noise: dict[str, dict[str, dict[int, float]]]
     num_images: int
+    pinned_abits: dict[str, int] = field(default_factory=dict)
 
     def curves(self, kind: str) -> dict[str, dict[int, float]]:
         """The layers measured for ``kind`` ("weight" or "inputs") and their noise per width."""
@@ -66,7 +73,7 @@ def measure_layer_noise(
     images: int = DEFAULT_NOISE_IMAGES,
     progress: bool = True,
 ) -> LayerNoise:
-    """Measure every block layer of the float ``model`` (left untouched) at every width in ``widths``.
+    """Measure every quantized layer of the float ``model`` (left untouched) at every width in ``widths``.
 
     Each width calibrates a copy on all of ``calib`` with ``config`` at that width (no plan, no GPTQ,
     no bias correction); the noise is measured on the first ``images`` calibration images.
@@ -75,6 +82,7 @@ def measure_layer_noise(
         raise LrpqError(f"images={images} must be between 1 and the {calib.shape[0]} calibration images")
     measured = calib[:images]
     noise: dict[str, dict[str, dict[int, float]]] = {}
+    pinned: dict[str, int] = {}
     bits_range = range(widths[0], widths[1] + 1)
     bar = tqdm(desc="layer noise", unit="layer", disable=not progress)
     for bits in bits_range:
@@ -82,29 +90,32 @@ def measure_layer_noise(
             config, wbits=bits, abits=bits, bit_plan=BitPlan(), gptq=False, bias_correction=False
         )
         quantized = quantize(copy.deepcopy(model), at_width, calib, progress=False)
-        every = quant_layers(quantized)
-        blocks = block_of_layers(every, quantized)
-        layers = [name for name in every if blocks[name] not in ALLOCATION_EXCLUDED_BLOCKS]  # as relevance plans
+        layers = quant_layers(quantized)
         bar.total = len(bits_range) * len(layers)
         with only_quantizing(quantized, ()):
             reference = quantized(measured)
         power = reference.pow(2).sum().item()
-        for name in layers:
-            for kind, points in layer_points(every[name]).items():
+        for name, layer in layers.items():
+            input_bits = {quantizer.bits for quantizer in input_quantizers(layer)}
+            if input_bits != {bits}:
+                (pinned[name],) = input_bits
+            for kind, points in layer_points(layer).items():
+                if kind == "inputs" and name in pinned:
+                    continue
                 with only_quantizing(quantized, points):
                     error = (quantized(measured) - reference).pow(2).sum().item()
                 noise.setdefault(name, {}).setdefault(kind, {})[bits] = error / power
             bar.update()
     bar.close()
-    return LayerNoise(noise, images)
+    return LayerNoise(noise, images, pinned)
 
 
 def plan_from_noise(noise: LayerNoise, *, wbits: int, abits: int) -> BitPlan:
-    """Weight bits over the measured weight layers and activation bits over every layer, each at its mean.
+    """Weight bits over the layers with weights and activation bits over the measured inputs, each at its mean.
 
     Weightless layers (attention matmuls) keep ``wbits``, which their quantizers ignore, as in
-    ``lrpq.allocate.make_bit_plan``.
+    ``lrpq.allocate.make_bit_plan``; pinned inputs keep their width, outside the activation budget.
     """
     weight_bits = noise_allocation(noise.curves("weight"), wbits)
-    activation_bits = noise_allocation(noise.curves("inputs"), abits)
+    activation_bits = noise_allocation(noise.curves("inputs"), abits) | noise.pinned_abits
     return BitPlan({name: LayerBits(weight_bits.get(name, wbits), activation_bits[name]) for name in noise.noise})

@@ -8,6 +8,7 @@ average bits. Calibration uses the fixed 32-image lists in ``calib/``; evaluatio
 
     python scripts/results_table.py                                  # both models, full dev sets
     python scripts/results_table.py --models ref-B --limit 300       # one model, a subset
+    python scripts/results_table.py --models ref-B --rows "W4A4 reparam, mixed, measured"  # one row
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,12 +160,19 @@ def _measured_noise(
     return cache[key]
 
 
-def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed: int, done: dict) -> Iterator[dict]:
+def run_reference(
+    ref: Reference,
+    limit: int | None,
+    relevance_images: int,
+    seed: int,
+    done: dict,
+    only: Collection[str] | None = None,
+) -> Iterator[dict]:
     """Top-1 of every row not already in ``done``, yielding all rows after each one.
 
     Rows are keyed by label, so an interrupted run resumes; a stored row is reused only if it was
     measured with the same configuration, image limit, relevance images and allocator, and re-run
-    otherwise.
+    otherwise. ``only`` names the rows to consider (the others keep what is stored).
     """
     spec = resolve_model(str(ref.card))
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
@@ -174,12 +182,16 @@ def run_reference(ref: Reference, limit: int | None, relevance_images: int, seed
     rows = {label: row for label, row in done.items() if label in {row_label for row_label, _, _ in ROWS}}
     measured: dict[str, tuple[LayerNoise, float]] = {}  # rows that differ only in GPTQ / bias corr. share one
     for label, config, allocator in ROWS:
+        if only is not None and label not in only:
+            continue
         setting = {
             "config": config.to_json_dict() if config is not None else None,
             "limit": limit,
             "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
             "allocator": allocator,
-        } | ({"noise_images": DEFAULT_NOISE_IMAGES} if allocator == SENSITIVITY_ALLOCATOR else {})
+        } | (
+            {"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {}
+        )
         if label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
@@ -230,6 +242,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of each dev folder")
     parser.add_argument("--relevance-images", type=int, default=DEFAULT_RELEVANCE_IMAGES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", choices=[label for label, _, _ in ROWS], help="run only these rows")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -238,7 +251,7 @@ def main() -> None:
     for name in args.models:
         path = args.out / f"{name}.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
-        for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done):
+        for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done, args.rows):
             path.write_text(json.dumps(rows, indent=2) + "\n")
     results = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
     table = markdown({name: rows for name, rows in results.items() if name in REFERENCES})

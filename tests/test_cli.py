@@ -323,22 +323,21 @@ def test_python_m_lrpq_exits_2_without_traceback(python_m_lrpq: tuple[int, str, 
 def mixed_w4_run(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], name: str, *extra: str
 ) -> tuple[Path, dict[str, dict[str, int]]]:
-    """``lrpq quantize CARD --wbits 4 --mixed EXTRA --out ROOT/NAME``; checks the block layers' mean of 4 bits."""
+    """``lrpq quantize CARD --wbits 4 --mixed EXTRA --out ROOT/NAME``: the run folder and its per-layer bits."""
     out = workspace["root"] / name
     args = quantize_args(workspace, "--mixed", *extra, "--out", out)
     args[args.index("--wbits") + 1] = "4"
     status, _, err = run_cli(args, capsys)
     assert status == 0, err
-    bits = json.loads((out / "bits.json").read_text())["layers"]
-    allocated = {layer: bits[layer] for layer in bits if layer.startswith("blocks.")}
-    assert sum(layer["abits"] for layer in allocated.values()) == 4 * len(allocated)
-    return out, allocated
+    return out, json.loads((out / "bits.json").read_text())["layers"]
 
 
 def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, allocated = mixed_w4_run(workspace, capsys, "mixed", "--allocator", "exact", "--relevance-images", "4")
+    out, bits = mixed_w4_run(workspace, capsys, "mixed", "--allocator", "exact", "--relevance-images", "4")
+    allocated = {layer: bits[layer] for layer in bits if layer.startswith("blocks.")}  # relevance plans blocks
+    assert sum(layer["abits"] for layer in allocated.values()) == 4 * len(allocated)
     assert {"scores.json", "scores.csv", "bits.json"} <= {path.name for path in out.iterdir()}
     assert len({layer["abits"] for layer in allocated.values()}) > 1  # mixed, not uniform
     summary = json.loads((out / "summary.json").read_text())
@@ -348,11 +347,13 @@ def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
 def test_sensitivity_allocator_run_writes_the_measured_noise_and_a_plan_at_the_budget(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, allocated = mixed_w4_run(workspace, capsys, "sensitivity", "--allocator", "sensitivity", "--noise-images", "2")
+    out, bits = mixed_w4_run(workspace, capsys, "sensitivity", "--allocator", "sensitivity", "--noise-images", "2")
     names = {path.name for path in out.iterdir()}
     assert {"noise.json", "bits.json"} <= names and "scores.json" not in names
     noise = json.loads((out / "noise.json").read_text())
-    assert noise["num_images"] == 2 and set(noise["noise"]) == set(allocated)
+    assert noise["num_images"] == 2 and set(noise["noise"]) == set(bits)  # every quantized layer
+    allocated = [layer["abits"] for name, layer in bits.items() if name not in noise["pinned_abits"]]
+    assert sum(allocated) == 4 * len(allocated) and "head" in bits
     summary = json.loads((out / "summary.json").read_text())
     assert summary["allocator"] == "sensitivity" and summary["noise_images"] == 2
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, build_tiny, reference_snrs, tiny_input
+from timm.layers import LayerScale
 
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
@@ -18,17 +19,22 @@ from lrpq.modules import QuantMatMul
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_block_layer_is_measured_at_every_width_and_more_bits_mean_less_noise(family: str) -> None:
+def test_every_quantized_layer_is_measured_at_every_width_and_more_bits_mean_less_noise(family: str) -> None:
     model = build_tiny(family)
+    for module in model.modules():
+        if isinstance(module, LayerScale):  # timm starts it at 1e-5: blocks would move the logits by rounding only
+            module.gamma.data.fill_(1.0)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     noise = measure_layer_noise(model, QuantConfig(4, 4), tiny_input(family, 4), (3, 6), images=2, progress=False)
     assert not quant_layers(model)  # the float model is left as it was
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     quantized = quantize(build_tiny(family), QuantConfig(4, 4), tiny_input(family, 4), progress=False)
-    layers = {name: layer for name, layer in quant_layers(quantized).items() if not name.startswith(("patch", "head"))}
-    assert set(noise.noise) == set(layers)
+    layers = quant_layers(quantized)
+    assert set(noise.noise) == set(layers)  # the patch embedding and head too: the budget counts them
+    assert noise.pinned_abits == {"patch_embed.proj": 8}  # the image, at conv_abits whatever the target
     for name, kinds in noise.noise.items():
-        assert set(kinds) == ({"inputs"} if isinstance(layers[name], QuantMatMul) else {"inputs", "weight"})
+        measured = {"weight"} if name in noise.pinned_abits else {"inputs", "weight"}
+        assert set(kinds) == ({"inputs"} if isinstance(layers[name], QuantMatMul) else measured)
         for kind, curve in kinds.items():
             assert sorted(curve) == [3, 4, 5, 6]
             assert curve[3] > curve[6] >= 0, (name, kind, curve)  # 3 bits: ~64x the noise power of 6
@@ -41,7 +47,9 @@ def test_plan_from_noise_meets_both_budgets_and_gives_the_noisiest_points_more_b
     assert list(plan.layers) == list(noise.noise)
     weighted = [name for name in plan.layers if "weight" in noise.noise[name]]
     assert sum(plan.layers[name].wbits for name in weighted) == 4 * len(weighted)
-    assert plan.mean_bits("abits") == 4
+    assert plan.layers["patch_embed.proj"].abits == 8  # pinned, outside the activation budget
+    allocated = [bits.abits for name, bits in plan.layers.items() if name != "patch_embed.proj"]
+    assert sum(allocated) == 4 * len(allocated)
     assert len({bits.abits for bits in plan.layers.values()}) > 1  # measured noise differs, so bits do
     inputs = noise.curves("inputs")
     gain = {name: curve[3] - curve[6] for name, curve in inputs.items()}
@@ -66,8 +74,8 @@ def test_measurement_needs_images_it_has() -> None:
 @pytest.mark.shared
 def test_reference_vit_sensitivity_plan_lowers_w4a4_logit_noise(shared_dir: Path) -> None:
     """On ref-A the plan from measured noise must beat fixed W4A4 at the same mean bits by a clear share
-    of the noise power (measured on these images: 16.4 dB fixed, 17.9 dB with the plan; with the 32-image
-    calibration list on 2,000 dev images 17.5 and 18.4 dB)."""
+    of the noise power (measured on these images: 17.2 dB fixed, 19.9 dB with the plan, which gives the
+    patch-embedding weight, the largest single noise point, more bits)."""
     spec = resolve_model(str(shared_dir / "models" / "vit_cifar10.json"))
     calib = load_calibration_images(
         draw_calibration_set(shared_dir / "data" / "cifar10" / "calib", 8, 0), spec.data_config
@@ -76,4 +84,4 @@ def test_reference_vit_sensitivity_plan_lowers_w4a4_logit_noise(shared_dir: Path
     plan = plan_from_noise(noise, wbits=4, abits=4)
     configs = {"fixed": QuantConfig(4, 4), "measured": QuantConfig(4, 4).with_plan(plan)}
     snr = reference_snrs(shared_dir, "vit_cifar10", "cifar10", 8, 100, configs)
-    assert snr["measured"] > snr["fixed"] + 0.7, snr  # 15% less noise power at least
+    assert snr["measured"] > snr["fixed"] + 1.5, snr  # 30% less noise power at least
