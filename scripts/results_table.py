@@ -8,7 +8,7 @@ average bits. Calibration uses the fixed 32-image lists in ``calib/``; evaluatio
 
     python scripts/results_table.py                                  # both models, full dev sets
     python scripts/results_table.py --models ref-B --limit 300       # one model, a subset
-    python scripts/results_table.py --models ref-B --rows "W4A4 reparam, mixed, measured"  # one row
+    python scripts/results_table.py --models ref-B --rows "W4A4 reparam" "W4A4 reparam, mixed, measured"
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ def run_reference(
 
     Rows are keyed by label, so an interrupted run resumes; a stored row is reused only if it was
     measured with the same configuration, image limit, relevance images and allocator, and re-run
-    otherwise. ``only`` names the rows to consider (the others keep what is stored).
+    otherwise. ``only`` names rows to run even if stored (the others keep what is stored), e.g. to
+    measure a fixed row and its mixed twin on one machine.
     """
     spec = resolve_model(str(ref.card))
     calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
@@ -192,7 +193,7 @@ def run_reference(
         } | (
             {"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {}
         )
-        if label in rows and _same_setting(rows[label].get("setting"), setting):
+        if only is None and label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
         model = build_model(spec)
@@ -242,7 +243,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of each dev folder")
     parser.add_argument("--relevance-images", type=int, default=DEFAULT_RELEVANCE_IMAGES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", nargs="+", choices=[label for label, _, _ in ROWS], help="run only these rows")
+    parser.add_argument(
+        "--rows", nargs="+", choices=[label for label, _, _ in ROWS], help="run only these rows, stored or not"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results")
     args = parser.parse_args()
     if not SHARED.is_dir():
