@@ -148,6 +148,16 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
     return QuantConfig.from_json_dict(stored["config"]) == QuantConfig.from_json_dict(wanted["config"])
 
 
+def _row_setting(config: QuantConfig | None, allocator: str | None, limit: int | None, relevance_images: int) -> dict:
+    """What a row is measured with: a stored row is reused only if its setting is this one."""
+    return {
+        "config": config.to_json_dict() if config is not None else None,
+        "limit": limit,
+        "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
+        "allocator": allocator,
+    } | ({"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {})
+
+
 def _measured_noise(
     cache: dict[str, tuple[LayerNoise, float]], model: torch.nn.Module, config: QuantConfig, calib: torch.Tensor
 ) -> tuple[LayerNoise, float]:
@@ -185,14 +195,7 @@ def run_reference(
     for label, config, allocator in ROWS:
         if only is not None and label not in only:
             continue
-        setting = {
-            "config": config.to_json_dict() if config is not None else None,
-            "limit": limit,
-            "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
-            "allocator": allocator,
-        } | (
-            {"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {}
-        )
+        setting = _row_setting(config, allocator, limit, relevance_images)
         if only is None and label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
@@ -226,15 +229,28 @@ def run_reference(
         yield rows
 
 
-def markdown(results: dict[str, list[dict]]) -> str:
+def markdown(results: dict[str, dict], relevance_images: int) -> str:
+    """The table; a cell whose stored setting is not the row's current one (e.g. a row kept from before
+    its method changed, when ``--rows`` ran others) is marked † until it is re-run."""
     names = [name for name in REFERENCES if name in results]
     header = "| configuration | " + " | ".join(REFERENCES[name].label for name in names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
-    for label, _, _ in ROWS:
-        cells = [f"{results[name][label]['top1']:.2f}" if label in results[name] else "–" for name in names]
+    stale = False
+    for label, config, allocator in ROWS:
+        cells = []
+        for name in names:
+            row = results[name].get(label)
+            if row is None:
+                cells.append("–")
+                continue
+            wanted = _row_setting(config, allocator, results[name]["float"]["setting"]["limit"], relevance_images)
+            current = _same_setting(row.get("setting"), wanted)
+            stale |= not current
+            cells.append(f"{row['top1']:.2f}" + ("" if current else " †"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{REFERENCES[name].label}: {results[name]['float']['n']} images" for name in names)
-    return "\n".join(lines) + f"\n\nTop-1 (%) on the dev folders ({counts}).\n"
+    note = " † measured with an earlier setting of its row, not re-run since." if stale else ""
+    return "\n".join(lines) + f"\n\nTop-1 (%) on the dev folders ({counts}).{note}\n"
 
 
 def main() -> None:
@@ -257,7 +273,7 @@ def main() -> None:
         for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done, args.rows):
             path.write_text(json.dumps(rows, indent=2) + "\n")
     results = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
-    table = markdown({name: rows for name, rows in results.items() if name in REFERENCES})
+    table = markdown({name: rows for name, rows in results.items() if name in REFERENCES}, args.relevance_images)
     (args.out / "results.md").write_text(table)
     print(table)
 
