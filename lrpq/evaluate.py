@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ class EvalResult:
     """Accuracy in percent; ``top5`` is None when the model has fewer than 5 classes (it would be 100).
 
     ``seconds`` is the wall time of the pass that produced it (a comparison's pass runs both models).
+    ``correct`` says, image by image in loader order, whether the top-1 prediction was right: what a
+    paired comparison of two results on the same images needs (``PairedGap.between``).
     """
 
     top1: float
@@ -36,9 +38,11 @@ class EvalResult:
     n: int
     skipped: int
     seconds: float
+    correct: tuple[bool, ...] = field(default=(), repr=False, compare=False)
 
     def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The summary numbers; the per-image ``correct`` is left to callers that store it their way."""
+        return {"top1": self.top1, "top5": self.top5, "n": self.n, "skipped": self.skipped, "seconds": self.seconds}
 
 
 def _correct_at(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,13 +55,16 @@ class _Tally:
 
     def __init__(self) -> None:
         self.n = self.correct1 = self.correct5 = self.num_outputs = 0
+        self.correct: list[bool] = []
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Count one batch; returns the predicted classes it counted top-1 with."""
         predicted = logits.argmax(1)
+        right = predicted == labels
         self.num_outputs = logits.shape[1]
         self.n += len(labels)
-        self.correct1 += int((predicted == labels).sum())
+        self.correct1 += int(right.sum())
+        self.correct.extend(right.tolist())
         if self.num_outputs >= TOP5:
             self.correct5 += int(_correct_at(logits, labels, TOP5).sum())
         return predicted
@@ -71,6 +78,7 @@ class _Tally:
             n=self.n,
             skipped=skipped,
             seconds=seconds,
+            correct=tuple(self.correct),
         )
 
 
@@ -88,14 +96,50 @@ def evaluate(
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """A model and a reference (its float original) on the same images, prediction by prediction.
+class PairedGap:
+    """The top-1 gap between a model and a reference on the same ``n`` images.
 
-    Only images where exactly one of the two is right move the top-1 gap, so its uncertainty comes
-    from how many those are: per image the difference is −1, 0 or 1, and the interval is the normal
+    Only images where exactly one of the two is right move the gap, so its uncertainty comes from how
+    many those are: per image the difference is −1, 0 or 1, and the interval is the normal
     approximation ``mean ± z·sd/√n`` of that paired difference (McNemar's setting). Treating the two
     accuracies as independent samples would overstate it: on 600 images with 23 discordant ones the
     paired half-width is 1.6 points, the unpaired one 4.0.
+    """
+
+    n: int
+    right_only_model: int
+    right_only_reference: int
+
+    @classmethod
+    def between(cls, model: EvalResult, reference: EvalResult) -> PairedGap:
+        """The gap of two results' per-image correctness, which must cover the same images."""
+        if not model.correct or len(model.correct) != len(reference.correct):
+            raise LrpqError(
+                f"a paired gap needs both results' per-image correctness on the same images; "
+                f"got {len(model.correct)} and {len(reference.correct)} images"
+            )
+        pairs = list(zip(model.correct, reference.correct, strict=True))
+        return cls(len(pairs), sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs))
+
+    @property
+    def difference(self) -> float:
+        """Top-1 of the model minus the reference's, in points."""
+        return 100.0 * (self.right_only_model - self.right_only_reference) / self.n
+
+    def confidence_interval(self, z: float = Z_95) -> tuple[float, float]:
+        """``difference`` ± z standard errors of the paired per-image difference, in points."""
+        mean = self.difference / 100.0
+        variance = max(0.0, (self.right_only_model + self.right_only_reference) / self.n - mean**2) / self.n
+        half = 100.0 * z * math.sqrt(variance)
+        return self.difference - half, self.difference + half
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model and a reference (its float original) on the same images, prediction by prediction.
+
+    The top-1 gap and its interval are a ``PairedGap``'s; ``agreement`` also counts images on which
+    both are wrong with different classes.
     """
 
     result: EvalResult
@@ -105,17 +149,17 @@ class Comparison:
     right_only_reference: int
 
     @property
+    def gap(self) -> PairedGap:
+        return PairedGap(self.result.n, self.right_only_model, self.right_only_reference)
+
+    @property
     def difference(self) -> float:
         """Top-1 of the model minus the reference's, in points."""
-        return 100.0 * (self.right_only_model - self.right_only_reference) / self.result.n
+        return self.gap.difference
 
     def confidence_interval(self, z: float = Z_95) -> tuple[float, float]:
         """``difference`` ± z standard errors of the paired per-image difference, in points."""
-        n = self.result.n
-        mean = self.difference / 100.0
-        variance = max(0.0, (self.right_only_model + self.right_only_reference) / n - mean**2) / n
-        half = 100.0 * z * math.sqrt(variance)
-        return self.difference - half, self.difference + half
+        return self.gap.confidence_interval(z)
 
     def to_json_dict(self) -> dict[str, Any]:
         low, high = self.confidence_interval()
@@ -142,14 +186,13 @@ def compare(
     reference.eval()
     start = time.perf_counter()
     tallies = _Tally(), _Tally()
-    agree = right_only_model = right_only_reference = 0
+    agree = 0
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="compare", unit="batch", disable=not progress, leave=False):
             predicted = [tally.add(net(images), labels) for tally, net in zip(tallies, (model, reference), strict=True)]
-            right = [prediction == labels for prediction in predicted]
             agree += int((predicted[0] == predicted[1]).sum())
-            right_only_model += int((right[0] & ~right[1]).sum())
-            right_only_reference += int((right[1] & ~right[0]).sum())
     skipped, seconds = int(getattr(loader, "skipped", 0)), time.perf_counter() - start
     result, reference_result = (tally.result(skipped, seconds) for tally in tallies)
-    return Comparison(result, reference_result, 100.0 * agree / result.n, right_only_model, right_only_reference)
+    gap = PairedGap.between(result, reference_result)
+    agreement = 100.0 * agree / result.n
+    return Comparison(result, reference_result, agreement, gap.right_only_model, gap.right_only_reference)

@@ -21,11 +21,12 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lrpq import QuantConfig, quantize
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
-from lrpq.evaluate import evaluate
+from lrpq.evaluate import EvalResult, PairedGap, evaluate
 from lrpq.layer_noise import (
     DEFAULT_NOISE_IMAGES,
     SENSITIVITY_ALLOCATOR,
@@ -85,11 +86,14 @@ RELEVANCE = ("paper", "exact")
 Row = tuple[str, QuantConfig | None, str | None]
 
 
+FIXED_TWIN: dict[str, str] = {}  # mixed row label -> the fixed-bit row with the same config and mean bits
+
+
 def _with_mixed(label: str, config: QuantConfig, allocators: tuple[str, ...]) -> list[Row]:
     """The fixed-bit row and its mixed-precision twins with the named allocators, same mean bits."""
-    return [(label, config, None)] + [
-        (f"{label}, {suffix}", config, allocator) for suffix, allocator in MIXED if allocator in allocators
-    ]
+    mixed = [(f"{label}, {suffix}", config, allocator) for suffix, allocator in MIXED if allocator in allocators]
+    FIXED_TWIN.update((mixed_label, label) for mixed_label, _, _ in mixed)
+    return [(label, config, None), *mixed]
 
 
 ROWS: list[Row] = [
@@ -220,6 +224,7 @@ def run_reference(
         result = evaluate(model, loader)
         rows[label] = {
             **result.to_json_dict(),
+            "correct": _pack(result.correct),
             "quantize_seconds": round(seconds, 1),
             "plan": plan_mean,
             **({"measure_seconds": round(measure_seconds, 1)} if measure_seconds is not None else {}),
@@ -227,6 +232,52 @@ def run_reference(
         }
         print(f"{ref.label:<28} {label:<34} top-1 {result.top1:6.2f}%", flush=True)
         yield rows
+
+
+def _pack(correct: tuple[bool, ...]) -> str:
+    """Per-image correctness as hex (8 images a byte), so a row's JSON stays small on 5,000 images."""
+    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
+
+
+def _unpack(row: dict) -> EvalResult:
+    """A stored row as an ``EvalResult`` with its per-image correctness (empty if stored without it)."""
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(row.get("correct", "")), dtype=np.uint8))[: row["n"]]
+    return EvalResult(row["top1"], row["top5"], row["n"], row["skipped"], row["seconds"], tuple(bits.astype(bool)))
+
+
+def _gap_cell(model: dict | None, reference: dict | None) -> str:
+    """``model − reference`` in points with its paired 95 % interval; – where either lacks per-image results
+    or the two were measured on different image counts."""
+    if model is None or reference is None or "correct" not in model or "correct" not in reference:
+        return "–"
+    if model["n"] != reference["n"]:
+        return "–"
+    gap = PairedGap.between(_unpack(model), _unpack(reference))
+    low, high = gap.confidence_interval()
+    return f"{gap.difference:+.2f} ({low:+.2f} … {high:+.2f})"
+
+
+def paired_markdown(results: dict[str, dict]) -> str:
+    """Each mixed row against its fixed-bit twin and against float, image by image on the same images.
+
+    Top-1 alone cannot say whether a 0.5-point difference on 600 images (3 images) is real; the paired
+    interval can, since only the images where exactly one of the two models is right move it.
+    """
+    names = [name for name in REFERENCES if name in results]
+    header = "| mixed row | " + " | ".join(f"{name}: − fixed | {name}: − float" for name in names) + " |"
+    lines = [header, "|---|" + "---:|---:|" * len(names)]
+    for label, twin in FIXED_TWIN.items():
+        cells = []
+        for name in names:
+            rows = results[name]
+            cells += [_gap_cell(rows.get(label), rows.get(twin)), _gap_cell(rows.get(label), rows.get("float"))]
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        "\n\nTop-1 difference in points, mixed row minus its fixed-bit twin (same config and mean bits) and minus "
+        "float, with the paired 95% interval (normal approximation over the images where exactly one of the two "
+        "is right). Rows stored without per-image results show –.\n"
+    )
 
 
 def markdown(results: dict[str, dict], relevance_images: int) -> str:
@@ -274,6 +325,7 @@ def main() -> None:
             path.write_text(json.dumps(rows, indent=2) + "\n")
     results = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
     table = markdown({name: rows for name, rows in results.items() if name in REFERENCES}, args.relevance_images)
+    table += "\n" + paired_markdown({name: rows for name, rows in results.items() if name in REFERENCES})
     (args.out / "results.md").write_text(table)
     print(table)
 
