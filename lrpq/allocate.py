@@ -24,7 +24,7 @@ class AllocationError(LrpqError):
     """Scores, block structure, target or widths for which no bit allocation exists."""
 
 
-def _check_widths(widths: tuple[int, int]) -> tuple[int, int]:
+def check_widths(widths: tuple[int, int]) -> tuple[int, int]:
     """Return ``(lo, hi)`` if every width between them is one a LayerBits can hold."""
     ok = (
         isinstance(widths, tuple)
@@ -113,9 +113,14 @@ def paper_allocation(
     exactly ``target``. Ties in relevance go to the lexicographically smaller name being lowered
     first, so the result does not depend on the mapping's order.
     """
-    lo, hi = _check_widths(widths)
-    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not lo <= target <= hi:
+    lo, hi = check_widths(widths)
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not lo <= target <= hi:
         raise AllocationError(f"target={target!r} is not usable; use an integer from {lo} to {hi}")
+    if target != int(target):
+        raise AllocationError(
+            f"target={target!r}: the paper rule moves whole bits around an integer target; "
+            "use the exact or sensitivity allocator for a fractional one"
+        )
     target = int(target)
     if isinstance(raised_blocks, bool) or not isinstance(raised_blocks, int) or raised_blocks < 0:
         raise AllocationError(f"raised_blocks={raised_blocks!r} is not usable; use an integer >= 0")
@@ -166,7 +171,7 @@ def exact_allocation(
     exactly ``round(target·L)`` when that is an integer and ``floor(target·L)`` otherwise. Equal
     gains go to the smaller name, so the result is independent of the mapping's order.
     """
-    lo, hi = _check_widths(widths)
+    lo, hi = check_widths(widths)
     _check_mean_target(target, lo, hi)
     _check_relevance(relative)
     scale = {name: 1.0 for name in relative}
@@ -204,7 +209,7 @@ def noise_allocation(noise: Mapping[str, Mapping[int, float]], target: float) ->
     widths = sorted(next(iter(noise.values())))
     if not widths or widths != list(range(widths[0], widths[-1] + 1)):
         raise AllocationError(f"measured widths {widths!r} are not a contiguous range; measure every width once")
-    lo, hi = _check_widths((widths[0], widths[-1]))
+    lo, hi = check_widths((widths[0], widths[-1]))
     for name, curve in noise.items():
         if sorted(curve) != widths:
             raise AllocationError(f"layer {name!r} was measured at {sorted(curve)!r}, the others at {widths!r}")
@@ -231,40 +236,50 @@ def make_bit_plan(
     block_of: Mapping[str, str],
     block_order: Sequence[str],
     *,
-    wbits: int,
-    abits: int,
+    wbits: float,
+    abits: float,
     weight_layers: Collection[str],
     allocator: str = "paper",
     widths: tuple[int, int] = (3, 6),
 ) -> BitPlan:
     """Allocate activation bits over every scored layer and weight bits over the weighted ones.
 
-    Weightless layers (attention matmuls) keep ``wbits``, which the quantizer ignores; that also
-    leaves ``plan.mean_bits("wbits")`` equal to ``wbits``. The plan lists layers block by block in
-    ``block_order``, and within a block in the order of ``relative``.
+    ``wbits`` and ``abits`` are mean-bits targets: integers for the paper rule, any number within
+    ``widths`` (3.5, say) for the exact solver. Weightless layers (attention matmuls) get
+    ``placeholder_wbits(wbits)``, which their quantizers ignore. The plan lists layers block by block
+    in ``block_order``, and within a block in the order of ``relative``.
     """
     if allocator not in ALLOCATORS:
         raise AllocationError(f"allocator={allocator!r} is unknown; use one of: {', '.join(ALLOCATORS)}")
     for what, bits in (("wbits", wbits), ("abits", abits)):
-        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-            raise AllocationError(f"{what}={bits!r} is not an integer; use an integer within {widths!r}")
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
+            raise AllocationError(f"{what}={bits!r} is not a number; use a mean-bits target within {widths!r}")
     blocks = _blocks_of(relative, block_of, block_order)
     unscored = sorted(set(weight_layers) - set(relative))
     if unscored:
         raise AllocationError(f"weight layer {unscored[0]!r} has no relevance; score every weight layer")
     weighted = {name: value for name, value in relative.items() if name in weight_layers}
 
-    def allocate(scores: Mapping[str, float], target: int) -> dict[str, int]:
+    def allocate(scores: Mapping[str, float], target: float) -> dict[str, int]:
         if allocator == "paper":
             return paper_allocation(scores, block_of, block_order, target, widths)
         return exact_allocation(scores, target, widths)
 
-    wbits, abits = int(wbits), int(abits)
     activation_bits = allocate(relative, abits)
     weight_bits = allocate(weighted, wbits)
     rank = {block: i for i, block in enumerate(block_order)}
     order = sorted(relative, key=lambda name: rank[blocks[name]])  # stable: keeps the given order in a block
-    return BitPlan({name: LayerBits(weight_bits.get(name, wbits), activation_bits[name]) for name in order})
+    unused = placeholder_wbits(wbits)
+    return BitPlan({name: LayerBits(weight_bits.get(name, unused), activation_bits[name]) for name in order})
+
+
+def placeholder_wbits(target: float) -> int:
+    """The weight width a plan records for a weightless layer (a matmul), which its quantizers ignore.
+
+    The target rounded up: the target itself when it is an integer, so a plan's unweighted
+    ``mean_bits("wbits")`` over all its layers stays the target there.
+    """
+    return math.ceil(target)
 
 
 def weighted_mean_bits(plan: BitPlan, param_counts: Mapping[str, int]) -> float:

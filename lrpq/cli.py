@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -34,18 +35,37 @@ from lrpq.relevance_export import write_relevance_report
 from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
+FRACTIONAL_ALLOCATORS = ("exact", SENSITIVITY_ALLOCATOR)  # the budgeted ones: any mean within the widths
 
 
-def _bits(text: str) -> int:
+def _bits(text: str) -> int | float:
+    """A bit width, or a fractional mean-bits target (3.5) that only a budgeted allocator can meet."""
     try:
-        bits = int(text)
+        bits = float(text)
     except ValueError:
-        bits = None
-    if bits is None or not CLI_MIN_BITS <= bits <= CLI_MAX_BITS:
+        bits = math.nan
+    if not CLI_MIN_BITS <= bits <= CLI_MAX_BITS:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a bit width lrpq accepts: use {CLI_MIN_BITS} to {CLI_MAX_BITS}"
         )
-    return bits
+    return int(bits) if bits.is_integer() else bits
+
+
+def _widths(args: argparse.Namespace, wbits: float, abits: float) -> tuple[int, int]:
+    """The widths a mixed plan may use: --widths, checked against the targets, or the default range."""
+    return widths_for(wbits, abits, tuple(args.widths) if args.widths else None)
+
+
+def _targets(args: argparse.Namespace) -> tuple[int | float, int | float]:
+    """The mean weight and activation bits asked for; fractional ones need a budgeted allocator."""
+    targets = args.wbits, args.abits if args.abits is not None else args.wbits
+    fractional = [bits for bits in targets if not float(bits).is_integer()]
+    if fractional and not (args.mixed and args.allocator in FRACTIONAL_ALLOCATORS):
+        raise LrpqError(
+            f"{fractional[0]} bits is a mean no single width has: pass --mixed --allocator "
+            f"{' or '.join(FRACTIONAL_ALLOCATORS)} to spread it over the layers, or use whole bits"
+        )
+    return targets
 
 
 def _positive_int(text: str) -> int:
@@ -83,11 +103,11 @@ def _layer_scores(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Mod
     return compute_layer_scores(model, load_calibration_images(paths, spec.data_config))
 
 
-def _quant_config(args: argparse.Namespace) -> QuantConfig:
-    abits = args.abits if args.abits is not None else args.wbits
+def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> QuantConfig:
+    """The run's config; with fractional targets, layers outside the plan take them rounded up."""
     config = QuantConfig(
-        wbits=args.wbits,
-        abits=abits,
+        wbits=math.ceil(wbits),
+        abits=math.ceil(abits),
         crl=not args.no_crl,
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
@@ -102,9 +122,9 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
     return config
 
 
-def _default_run_dir(spec: ModelSpec, config: QuantConfig, mixed: bool) -> Path:
+def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -> Path:
     name = Path(spec.source).stem if spec.source.endswith(".json") else spec.source
-    return Path("runs") / f"{name}-w{config.wbits}a{config.abits}{'-mixed' if mixed else ''}"
+    return Path("runs") / f"{name}-w{wbits}a{abits}{'-mixed' if mixed else ''}"
 
 
 def _budget_summary(model: torch.nn.Module, config: QuantConfig) -> dict[str, float]:
@@ -125,23 +145,26 @@ def _budget_summary(model: torch.nn.Module, config: QuantConfig) -> dict[str, fl
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
+    if args.widths and not args.mixed:
+        raise LrpqError("--widths bounds the widths of a mixed plan: pass it with --mixed")
+    wbits, abits = _targets(args)
+    widths = _widths(args, wbits, abits) if args.mixed else None
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
-    config = _quant_config(args)
-    out_dir = args.out or _default_run_dir(spec, config, args.mixed)
+    config = _quant_config(args, wbits, abits)
+    out_dir = args.out or _default_run_dir(spec, wbits, abits, args.mixed)
     check_writable(out_dir, args.overwrite)
     calib = _calibration_images(args, spec)
     model = build_model(spec)
     started = time.perf_counter()
     scores = noise = None
     if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
-        widths = widths_for(config.wbits, config.abits)
         noise = measure_layer_noise(model, config, calib, widths, images=min(args.noise_images, calib.shape[0]))
-        config = config.with_plan(plan_from_noise(noise, wbits=config.wbits, abits=config.abits))
+        config = config.with_plan(plan_from_noise(noise, wbits=wbits, abits=abits))
     elif args.mixed:
         scores = _layer_scores(args, spec, model)
         config = config.with_plan(
-            plan_from_scores(model, scores, wbits=config.wbits, abits=config.abits, allocator=args.allocator)
+            plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
         )
     quantize(model, config, calib, batch_size=args.batch_size)
     summary = {
@@ -163,10 +186,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "calibration_seconds": round(time.perf_counter() - started, 2),
         **_budget_summary(model, config),
     }
+    if args.mixed:
+        summary |= {"allocator": args.allocator, "target_wbits": wbits, "target_abits": abits, "widths": widths}
     if scores is not None:
-        summary |= {"allocator": args.allocator, "relevance_images": scores.num_images}
+        summary["relevance_images"] = scores.num_images
     if noise is not None:
-        summary |= {"allocator": args.allocator, "noise_images": noise.num_images}
+        summary["noise_images"] = noise.num_images
 
     def write_scores(folder: Path) -> None:
         if scores is not None:
@@ -176,7 +201,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             noise.save(folder / "noise.json")
 
     out = save_run(out_dir, model, spec, config, summary, overwrite=args.overwrite, extra_files=write_scores)
-    print(f"quantized {spec.source} to W{config.wbits}A{config.abits} in {summary['calibration_seconds']} s → {out}")
+    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out}")
     return 0
 
 
@@ -240,8 +265,10 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     model = build_model(spec)
     paths = draw_calibration_set(args.data, args.num_images, args.seed)
     images = load_calibration_images(paths, spec.data_config)
+    wbits, abits = args.wbits, args.abits if args.abits is not None else args.wbits
+    widths = _widths(args, wbits, abits)
     scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
-    plan = plan_from_scores(model, scores, wbits=args.wbits, abits=args.abits or args.wbits, allocator=args.allocator)
+    plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
     heatmaps = [
         (
             unnormalize(image, spec.data_config),
@@ -255,6 +282,15 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     return 0
 
 
+WIDTHS_ARGS = ("--widths",)
+WIDTHS_OPTIONS = {
+    "nargs": 2,
+    "type": int,
+    "metavar": ("LO", "HI"),
+    "help": "widths a mixed plan may use (default 3–6, widened to one bit either side of the target)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrpq", description="Mixed-precision PTQ for vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -262,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = commands.add_parser("quantize", help="quantize a model and write a run directory")
     q.add_argument("model", help="alias (deit_s, swin_t, …), timm model name, or model card JSON")
     q.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
-    q.add_argument("--wbits", type=_bits, required=True, help="weight bits (3–8)")
-    q.add_argument("--abits", type=_bits, help="activation bits (3–8; default: --wbits)")
+    q.add_argument(
+        "--wbits",
+        type=_bits,
+        required=True,
+        help="weight bits (3–8); with --mixed the mean, which the exact and sensitivity allocators also "
+        "take fractional (3.5)",
+    )
+    q.add_argument("--abits", type=_bits, help="activation bits (3–8, as --wbits; default: --wbits)")
     q.add_argument("--calib-data", help="ImageFolder to draw calibration images from (or $LRPQ_CALIB_DATA)")
     q.add_argument("--calib-list", help="fixed list of calibration images, relative to --calib-data")
     q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
@@ -314,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="from relevance: the paper rule or the exact budgeted solver; sensitivity: from each layer's "
         "measured logit noise at every width (one calibration per width)",
     )
+    q.add_argument(*WIDTHS_ARGS, **WIDTHS_OPTIONS)
     q.add_argument(
         "--noise-images",
         type=_positive_int,
@@ -357,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wbits", type=_bits, default=4, help="mean weight bits of the plan drawn on the chart")
     r.add_argument("--abits", type=_bits, help="mean activation bits of the plan (default: --wbits)")
     r.add_argument("--allocator", choices=ALLOCATORS, default="paper")
+    r.add_argument(*WIDTHS_ARGS, **WIDTHS_OPTIONS)
     r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")

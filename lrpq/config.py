@@ -57,14 +57,31 @@ class BitPlan:
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> BitPlan:
         layers = data.get("layers", data)
-        return cls({name: LayerBits(**bits) for name, bits in layers.items()})
+        plan = {}
+        for name, bits in layers.items():
+            try:
+                plan[name] = LayerBits(**bits)
+            except ConfigError as error:
+                raise ConfigError(f"layer {name!r}: {error}") from None
+        return cls(plan)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> BitPlan:
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
+        """Read a plan file (a run's ``bits.json``), or say in one line why ``path`` is not one."""
+        try:
+            return cls.from_json_dict(json.loads(Path(path).read_text()))
+        except OSError as error:
+            raise ConfigError(f"cannot read a bit plan from {path}: {error.strerror or error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ConfigError(
+                f"{path} is not a bit plan ({error}); expected JSON like "
+                '{"layers": {"blocks.0.attn.qkv": {"wbits": 4, "abits": 4}, ...}}, as in a run\'s bits.json'
+            ) from None
 
     def mean_bits(self, kind: str = "wbits") -> float:
         """Unweighted mean of ``wbits`` or ``abits`` over the plan's layers (the paper's budget)."""

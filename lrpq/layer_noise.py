@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.allocate import noise_allocation
+from lrpq.allocate import noise_allocation, placeholder_wbits
 from lrpq.api import input_quantizers, quant_layers, quantize
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
@@ -110,12 +110,14 @@ def measure_layer_noise(
     return LayerNoise(noise, images, pinned)
 
 
-def plan_from_noise(noise: LayerNoise, *, wbits: int, abits: int) -> BitPlan:
+def plan_from_noise(noise: LayerNoise, *, wbits: float, abits: float) -> BitPlan:
     """Weight bits over the layers with weights and activation bits over the measured inputs, each at its mean.
 
-    Weightless layers (attention matmuls) keep ``wbits``, which their quantizers ignore, as in
-    ``lrpq.allocate.make_bit_plan``; pinned inputs keep their width, outside the activation budget.
+    The means may be fractional (3.5). Weightless layers (attention matmuls) get a placeholder weight
+    width, as in ``lrpq.allocate.make_bit_plan``; pinned inputs keep their width, outside the
+    activation budget.
     """
     weight_bits = noise_allocation(noise.curves("weight"), wbits)
     activation_bits = noise_allocation(noise.curves("inputs"), abits) | noise.pinned_abits
-    return BitPlan({name: LayerBits(weight_bits.get(name, wbits), activation_bits[name]) for name in noise.noise})
+    unused = placeholder_wbits(wbits)
+    return BitPlan({name: LayerBits(weight_bits.get(name, unused), activation_bits[name]) for name in noise.noise})

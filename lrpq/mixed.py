@@ -7,12 +7,13 @@ default widths, as in LRP-QViT.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch
 from torch import nn
 
-from lrpq.allocate import make_bit_plan
+from lrpq.allocate import AllocationError, check_widths, make_bit_plan
 from lrpq.config import MAX_PRIMITIVE_BITS, MIN_PRIMITIVE_BITS, BitPlan
 from lrpq.relevance import LayerScores, compute_layer_scores
 
@@ -20,12 +21,23 @@ DEFAULT_RELEVANCE_IMAGES = 32
 DEFAULT_WIDTHS = (3, 6)
 
 
-def widths_for(wbits: int, abits: int, widths: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The allowed widths: 3–6 by default, widened to target ± 1 so the paper rule can move every target."""
+def widths_for(wbits: float, abits: float, widths: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The allowed widths for mean-bits targets ``wbits`` and ``abits``.
+
+    Given ``widths`` are checked against the primitives and the targets up front (the sensitivity
+    allocator would otherwise find out only after minutes of measurement). By default 3–6, widened
+    to ``ceil(t) − 1 … floor(t) + 1``: one bit either side of an integer target, so the paper rule
+    can raise and lower around W3 and W6 too, and the neighbouring integers of a fractional one.
+    """
+    targets = (wbits, abits)
     if widths is not None:
-        return widths
-    low = max(MIN_PRIMITIVE_BITS, min(DEFAULT_WIDTHS[0], wbits - 1, abits - 1))
-    return low, min(MAX_PRIMITIVE_BITS, max(DEFAULT_WIDTHS[1], wbits + 1, abits + 1))
+        lo, hi = check_widths(widths)
+        outside = [target for target in targets if not lo <= target <= hi]
+        if outside:
+            raise AllocationError(f"target {outside[0]} bits is outside the allowed widths {lo}–{hi}; widen them")
+        return lo, hi
+    low = max(MIN_PRIMITIVE_BITS, min(DEFAULT_WIDTHS[0], *(math.ceil(t) - 1 for t in targets)))
+    return low, min(MAX_PRIMITIVE_BITS, max(DEFAULT_WIDTHS[1], *(math.floor(t) + 1 for t in targets)))
 
 
 ALLOCATION_EXCLUDED_BLOCKS = ("patch_embed", "head")
@@ -56,8 +68,8 @@ def allocate_from_scores(
     scores: LayerScores,
     weight_layers: Collection[str],
     *,
-    wbits: int,
-    abits: int,
+    wbits: float,
+    abits: float,
     allocator: str = "paper",
     widths: tuple[int, int] | None = None,
 ) -> BitPlan:
@@ -79,8 +91,8 @@ def plan_from_scores(
     model: nn.Module,
     scores: LayerScores,
     *,
-    wbits: int,
-    abits: int,
+    wbits: float,
+    abits: float,
     allocator: str = "paper",
     widths: tuple[int, int] | None = None,
 ) -> BitPlan:
@@ -93,8 +105,8 @@ def relevance_bit_plan(
     model: nn.Module,
     images: torch.Tensor,
     *,
-    wbits: int,
-    abits: int,
+    wbits: float,
+    abits: float,
     allocator: str = "paper",
     widths: tuple[int, int] | None = None,
     progress: bool = True,

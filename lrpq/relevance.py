@@ -668,7 +668,10 @@ class LayerScores:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise RelevanceError(f"cannot read layer scores from {path}: {error}") from None
-        return cls.from_json_dict(data)
+        try:
+            return cls.from_json_dict(data)
+        except RelevanceError as error:
+            raise RelevanceError(f"{path}: {error}") from None
 
     def save_csv(self, path: str | Path) -> None:
         relative = self.relative()

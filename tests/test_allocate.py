@@ -133,7 +133,8 @@ def test_paper_rule_properties(
         (6, (3, 6), "cannot be raised to 7"),
         (3, (3, 6), "cannot be lowered to 2"),
         (7, (3, 6), "target=7 is not usable; use an integer from 3 to 6"),
-        (4.0, (3, 6), "target=4.0 is not usable"),
+        ("4", (3, 6), "target='4' is not usable"),
+        (4.5, (3, 6), "target=4.5: the paper rule moves whole bits"),
         (4, (6, 3), r"widths=\(6, 3\) is not a valid range"),
         (4, (1, 6), r"widths=\(1, 6\)"),
         (4, (3, 9), r"widths=\(3, 9\)"),
@@ -339,10 +340,26 @@ def test_make_bit_plan_rejects_bad_requests() -> None:
         make_bit_plan(relative, block_of, order, wbits=4, abits=4, weight_layers=(), allocator="greedy")
     with pytest.raises(AllocationError, match="weight layer 'head' has no relevance"):
         make_bit_plan(relative, block_of, order, wbits=4, abits=4, weight_layers=["head"])
-    with pytest.raises(AllocationError, match=r"abits=4.5 is not an integer"):
-        make_bit_plan(relative, block_of, order, wbits=4, abits=4.5, weight_layers=())  # type: ignore[arg-type]
+    with pytest.raises(AllocationError, match=r"abits='4' is not a number"):
+        make_bit_plan(relative, block_of, order, wbits=4, abits="4", weight_layers=())  # type: ignore[arg-type]
+    with pytest.raises(AllocationError, match=r"target=4.5: the paper rule moves whole bits.*exact or sensitivity"):
+        make_bit_plan(relative, block_of, order, wbits=4, abits=4.5, weight_layers=())
     with pytest.raises(AllocationError, match="cannot be raised to 7"):
         make_bit_plan(relative, block_of, order, wbits=4, abits=6, weight_layers=())
+
+
+def test_exact_plan_at_fractional_targets_spends_the_floor_of_the_budget() -> None:
+    block_of, order = vit_blocks(5)  # 30 layers, 20 with weights
+    scores = {name: float((5 * i) % 13 + 1) for i, name in enumerate(block_of)}
+    weight_layers = {n for n in block_of if n.endswith(WEIGHT_SUFFIXES)}
+    relative = relative_importance(scores, block_of)
+    plan = make_bit_plan(
+        relative, block_of, order, wbits=3.5, abits=4.25, weight_layers=weight_layers, allocator="exact"
+    )
+    assert sum(plan.layers[n].wbits for n in weight_layers) == 70  # 3.5 · 20 exactly
+    assert sum(bits.abits for bits in plan.layers.values()) == 127  # floor(4.25 · 30 = 127.5)
+    assert {plan.layers[n].wbits for n in block_of if n not in weight_layers} == {4}  # placeholder: 3.5 rounded up
+    assert all(3 <= bits.wbits <= 6 and 3 <= bits.abits <= 6 for bits in plan.layers.values())
 
 
 def test_weighted_mean_bits_weights_by_parameter_count() -> None:

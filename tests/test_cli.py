@@ -382,9 +382,88 @@ def test_relevance_command_writes_scores_chart_and_heat_maps(
 ) -> None:
     out = workspace["root"] / "relevance"
     argv = ["relevance", workspace["card"], "--data", workspace["data"], "--num-images", "3", "--heatmaps", "2"]
-    status, _, err = run_cli([*argv, "--allocator", "exact", "--out", out], capsys)
+    status, _, err = run_cli([*argv, "--allocator", "exact", "--wbits", "3.5", "--out", out], capsys)
     assert status == 0, err
     names = {path.name for path in out.iterdir()}
     assert names == {"scores.json", "scores.csv", "importance.png", "heatmap_0.png", "heatmap_1.png"}
     scores = json.loads((out / "scores.json").read_text())
     assert scores["num_images"] == 3
+
+
+@pytest.mark.parametrize("extra", [(), ("--mixed",), ("--mixed", "--allocator", "paper")])
+def test_fractional_bits_need_a_budgeted_allocator(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]
+) -> None:
+    out = workspace["root"] / "never_fractional"
+    args = quantize_args(workspace, *extra, "--out", out)
+    args[args.index("--wbits") + 1] = "3.5"
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, "3.5 bits", "--mixed --allocator exact or sensitivity")
+    assert not out.exists()
+
+
+def test_fractional_mean_bits_with_the_exact_allocator(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace["root"] / "fractional"
+    args = quantize_args(workspace, "--mixed", "--allocator", "exact", "--relevance-images", "4", "--out", out)
+    args[args.index("--wbits") + 1] = "3.5"
+    status, _, err = run_cli(args, capsys)
+    assert status == 0, err
+    bits = json.loads((out / "bits.json").read_text())["layers"]
+    blocks = {name: layer for name, layer in bits.items() if name.startswith("blocks.")}  # relevance plans blocks
+    weighted = [name for name in blocks if name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2")]
+    assert len(weighted) == 8 and sum(blocks[name]["wbits"] for name in weighted) == 28  # 3.5 · 8
+    assert sum(layer["abits"] for layer in blocks.values()) == 42  # 3.5 · 12 block layers
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["target_wbits"], summary["target_abits"], summary["widths"]) == (3.5, 3.5, [3, 6])
+    config = json.loads((out / "config.json").read_text())["quant"]
+    assert (config["wbits"], config["abits"]) == (4, 4)  # patch embedding and head: the target rounded up
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (("--widths", "3", "6"), ("--widths", "--mixed")),
+        (("--mixed", "--widths", "3", "6"), ("target=6 cannot be raised to 7", "widths=(3, 6)")),
+        (("--mixed", "--allocator", "exact", "--widths", "4", "5"), ("target 6 bits", "allowed widths 4–5")),
+        (("--mixed", "--allocator", "sensitivity", "--widths", "5", "9"), ("widths=(5, 9)",)),
+    ],
+)
+def test_widths_that_cannot_hold_the_plan_are_one_error(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], named: tuple[str, ...]
+) -> None:
+    out = workspace["root"] / "never_widths"
+    args = quantize_args(workspace, *extra, "--relevance-images", "2", "--out", out)
+    args[args.index("--wbits") + 1] = "6"
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, *named)
+    assert not out.exists()
+
+
+def test_a_bit_plan_file_that_is_not_json_is_one_error(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = workspace["root"] / "not_a_plan.json"
+    plan.write_text("wbits: 4\n")
+    status, _, err = run_cli(quantize_args(workspace, "--bit-plan", plan), capsys)
+    assert_one_error_line(status, err, str(plan), "is not a bit plan")
+
+
+def test_a_model_without_supported_attention_is_one_error(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 2}
+    convnet = timm.create_model("test_resnet", pretrained=False, **kwargs)
+    weights = {key: value.contiguous() for key, value in convnet.state_dict().items()}
+    save_file(weights, str(workspace["root"] / "convnet.safetensors"))
+    card = json.loads(workspace["card"].read_text())
+    card |= {"timm_name": "test_resnet", "kwargs": kwargs, "checkpoint": "convnet.safetensors"}
+    (workspace["root"] / "convnet.json").write_text(json.dumps(card))
+    out = workspace["root"] / "never_convnet"
+    args = quantize_args(workspace, "--out", out)
+    args[1] = workspace["root"] / "convnet.json"
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, "ResNet has no supported attention")
+    assert not out.exists()

@@ -94,8 +94,28 @@ def test_bits_2_to_8_are_accepted(bits: int) -> None:
 def test_invalid_bits_in_a_plan_file_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bits.json"
     path.write_text(json.dumps({"layers": {"head": {"wbits": 9, "abits": 8}}}))
-    with pytest.raises(ConfigError, match="wbits=9"):
+    with pytest.raises(ConfigError, match=f"{path}: layer 'head': wbits=9"):
         BitPlan.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "cannot read a bit plan from .*: No such file"),
+        ("{oops", "is not a bit plan \\(Expecting property name"),
+        ("[4, 4]", "is not a bit plan .*expected JSON like"),
+        ('{"layers": {"head": {"bits": 4}}}', "is not a bit plan .*unexpected keyword argument 'bits'"),
+    ],
+)
+def test_unreadable_plan_files_are_one_config_error_naming_the_file(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
+    path = tmp_path / "bits.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        BitPlan.load(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("clip_k", [0, 0.0, -1.0])

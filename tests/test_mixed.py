@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
+from lrpq.allocate import AllocationError
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
 from lrpq.mixed import allocatable, plan_from_scores, relevance_bit_plan, widths_for
@@ -75,8 +77,20 @@ def test_same_images_give_the_same_plan() -> None:
 def test_default_widths_widen_to_reach_target_plus_and_minus_one() -> None:
     assert widths_for(4, 4) == (3, 6)
     assert widths_for(6, 6) == (3, 7)
+    assert widths_for(3, 4) == (2, 6)
     assert widths_for(8, 8) == (3, 8)  # capped at the widest grid the primitives accept
+    assert widths_for(3.5, 3.5) == (3, 6)  # a fractional target needs only its two neighbours
+    assert widths_for(6.5, 4) == (3, 7)
     assert widths_for(6, 6, (4, 6)) == (4, 6)
+
+
+@pytest.mark.parametrize(
+    ("widths", "message"),
+    [((4, 5), "target 6 bits is outside the allowed widths 4–5"), ((5, 9), "widths=\\(5, 9\\) is not a valid range")],
+)
+def test_given_widths_are_checked_before_any_work(widths: tuple[int, int], message: str) -> None:
+    with pytest.raises(AllocationError, match=message):
+        widths_for(6, 6, widths)
 
 
 def test_six_bit_mixed_plan_raises_the_first_blocks_to_seven() -> None:
