@@ -9,6 +9,9 @@ average bits. Calibration uses the fixed 32-image lists in ``calib/``; evaluatio
     python scripts/results_table.py                                  # both models, full dev sets
     python scripts/results_table.py --models ref-B --limit 300       # one model, a subset
     python scripts/results_table.py --models ref-B --rows "W4A4 reparam" "W4A4 reparam, mixed, measured"
+
+Each row stores its per-image correctness, from which ``results.md`` gets a second table: every mixed
+row against its fixed-bit twin and against float, with a paired 95 % interval.
 """
 
 from __future__ import annotations
@@ -242,7 +245,8 @@ def _pack(correct: tuple[bool, ...]) -> str:
 def _unpack(row: dict) -> EvalResult:
     """A stored row as an ``EvalResult`` with its per-image correctness (empty if stored without it)."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(row.get("correct", "")), dtype=np.uint8))[: row["n"]]
-    return EvalResult(row["top1"], row["top5"], row["n"], row["skipped"], row["seconds"], tuple(bits.astype(bool)))
+    correct = tuple(bits.astype(bool).tolist())
+    return EvalResult(row["top1"], row["top5"], row["n"], row["skipped"], row["seconds"], correct)
 
 
 def _gap_cell(model: dict | None, reference: dict | None) -> str:
@@ -314,7 +318,15 @@ def main() -> None:
         "--rows", nargs="+", choices=[label for label, _, _ in ROWS], help="run only these rows, stored or not"
     )
     parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process (default 1): the summation order of a multi-threaded run differs, and "
+        "ref-B's top-1 moves by up to two points with it, so rows are comparable only at one thread count",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if not SHARED.is_dir():
         parser.error(f"the shared reference models and data are expected at {SHARED}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from lrpq.data import make_loader
 from lrpq.errors import LrpqError
-from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
+from lrpq.evaluate import Comparison, EvalResult, PairedGap, compare, evaluate
 from lrpq.models import build_model, resolve_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -51,6 +51,7 @@ def test_known_outputs_give_exact_top1_and_top5() -> None:
     model = LookupModel(LOGITS).train()
     result = evaluate(model, batches(LABELS, 3), progress=False)
     assert (result.top1, result.top5, result.n, result.skipped) == (50.0, 75.0, 4, 0)
+    assert result.correct == (True, False, False, True)  # per image, in loader order across batches
     assert result.seconds >= 0
     assert not model.training
 
@@ -96,6 +97,27 @@ def test_compare_counts_discordant_images_and_the_paired_interval() -> None:
     assert (low, high) == (pytest.approx(-100 / 6 - half), pytest.approx(-100 / 6 + half))
     assert comparison.result.n == comparison.reference.n == 6
     assert not reference.training
+
+
+def test_paired_gap_between_stored_results_equals_the_comparison() -> None:
+    model = LookupModel(_logits_right_where(MODEL_RIGHT, wrong_class=1))
+    reference = LookupModel(_logits_right_where(REFERENCE_RIGHT, wrong_class=2))
+    loader = batches(PAIR_LABELS, 4)
+    gap = PairedGap.between(evaluate(model, loader, progress=False), evaluate(reference, loader, progress=False))
+    comparison = compare(model, reference, loader, progress=False)
+    assert (gap.n, gap.right_only_model, gap.right_only_reference) == (6, 1, 2)
+    assert gap == comparison.gap
+    assert gap.confidence_interval() == comparison.confidence_interval()
+
+
+def test_paired_gap_needs_per_image_results_on_the_same_images() -> None:
+    four = EvalResult(50.0, None, 4, 0, 1.0, correct=(True, False, True, False))
+    three = EvalResult(100 / 3, None, 3, 0, 1.0, correct=(True, False, False))
+    summary_only = EvalResult(50.0, None, 4, 0, 1.0)
+    with pytest.raises(LrpqError, match="got 4 and 3 images"):
+        PairedGap.between(four, three)
+    with pytest.raises(LrpqError, match="got 0 and 4 images"):
+        PairedGap.between(summary_only, four)
 
 
 def test_compare_of_identical_models_has_a_zero_width_interval() -> None:
