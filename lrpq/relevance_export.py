@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -84,21 +85,43 @@ def _map_array(heat: MapLike) -> np.ndarray:
     return array
 
 
+def _show(axes: Axes, picture: np.ndarray, heat: np.ndarray | None, title: str) -> None:
+    """The picture, with ``heat`` as a jet overlay stretched to its extent when given."""
+    height, width = picture.shape[:2]
+    extent = (0, width, height, 0)
+    axes.imshow(picture, extent=extent)
+    if heat is not None:
+        axes.imshow(heat, cmap="jet", alpha=HEATMAP_ALPHA, extent=extent, vmin=0.0, vmax=1.0)
+    axes.set_title(title, fontsize=9)
+    axes.axis("off")
+
+
 def save_heatmap(image: ImageLike, maps: Mapping[str, MapLike], path: str | Path, title: str = "") -> None:
     """The image, then one jet overlay per named map, side by side, stretched to the image's extent."""
     picture = _image_array(image)
     arrays = {name: _map_array(heat) for name, heat in maps.items()}
-    height, width = picture.shape[:2]
-    extent = (0, width, height, 0)
     figure = Figure(figsize=(3.2 * (1 + len(arrays)), 3.6))
     panels = figure.subplots(1, 1 + len(arrays), squeeze=False)[0]
-    panels[0].imshow(picture, extent=extent)
-    panels[0].set_title("image", fontsize=9)
+    _show(panels[0], picture, None, "image")
     for axes, (name, array) in zip(panels[1:], arrays.items(), strict=True):
-        axes.imshow(picture, extent=extent)
-        axes.imshow(array, cmap="jet", alpha=HEATMAP_ALPHA, extent=extent, vmin=0.0, vmax=1.0)
-        axes.set_title(name, fontsize=9)
-    for axes in panels:
+        _show(axes, picture, array, name)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, Path(path))
+
+
+def save_heatmap_grid(
+    overlays: Sequence[tuple[ImageLike, MapLike, str]], path: str | Path, title: str = "", columns: int = 5
+) -> None:
+    """Many images, each under its own map, in a grid: how a map method behaves beyond one example."""
+    if not overlays or columns < 1:
+        raise RelevanceError(f"a heat-map grid needs at least one image and one column, got {len(overlays)}")
+    rows = -(-len(overlays) // columns)
+    figure = Figure(figsize=(3.0 * min(columns, len(overlays)), 3.2 * rows))
+    panels = figure.subplots(rows, min(columns, len(overlays)), squeeze=False).ravel()
+    for axes, (image, heat, name) in zip(panels, overlays, strict=False):
+        _show(axes, _image_array(image), _map_array(heat), name)
+    for axes in panels[len(overlays) :]:
         axes.axis("off")
     if title:
         figure.suptitle(title, fontsize=10)

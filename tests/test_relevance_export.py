@@ -12,7 +12,7 @@ from PIL import Image
 
 from lrpq.config import BitPlan, LayerBits
 from lrpq.relevance import LayerScores, RelevanceError
-from lrpq.relevance_export import plot_importance, save_heatmap, write_relevance_report
+from lrpq.relevance_export import plot_importance, save_heatmap, save_heatmap_grid, write_relevance_report
 
 
 def _scores() -> LayerScores:
@@ -84,3 +84,16 @@ def test_heatmap_panels_and_input_checks(tmp_path: Path) -> None:
         save_heatmap(torch.rand(16, 16), {"m": np.ones((4, 4))}, tmp_path / "bad.png")
     plot_importance(_scores(), tmp_path / "no_plan.png")
     assert _png_size(tmp_path / "no_plan.png")[0] > 100
+
+
+def test_heatmap_grid_wraps_into_rows_and_checks_its_input(tmp_path: Path) -> None:
+    overlays = [(torch.rand(3, 16, 16), np.eye(16), f"image {i}") for i in range(7)]
+    save_heatmap_grid(overlays, tmp_path / "wide.png", "seven in one row", columns=7)
+    save_heatmap_grid(overlays, tmp_path / "tall.png", "seven in rows of two", columns=2)
+    wide, tall = _png_size(tmp_path / "wide.png"), _png_size(tmp_path / "tall.png")
+    assert wide[0] > 4 * wide[1]  # one row of seven
+    assert tall[1] > 2 * tall[0]  # four rows of two
+    with pytest.raises(RelevanceError, match="at least one image"):
+        save_heatmap_grid([], tmp_path / "none.png")
+    with pytest.raises(RelevanceError, match=r"heat map must be \(H, W\)"):
+        save_heatmap_grid([(torch.rand(3, 16, 16), np.ones(16), "flat")], tmp_path / "flat.png")
