@@ -282,13 +282,14 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     return 0
 
 
-WIDTHS_ARGS = ("--widths",)
-WIDTHS_OPTIONS = {
-    "nargs": 2,
-    "type": int,
-    "metavar": ("LO", "HI"),
-    "help": "widths a mixed plan may use (default 3–6, widened to one bit either side of the target)",
-}
+def _add_widths_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--widths",
+        nargs=2,
+        type=int,
+        metavar=("LO", "HI"),
+        help="widths a mixed plan may use (default 3–6, widened to one bit either side of the target)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="from relevance: the paper rule or the exact budgeted solver; sensitivity: from each layer's "
         "measured logit noise at every width (one calibration per width)",
     )
-    q.add_argument(*WIDTHS_ARGS, **WIDTHS_OPTIONS)
+    _add_widths_argument(q)
     q.add_argument(
         "--noise-images",
         type=_positive_int,
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wbits", type=_bits, default=4, help="mean weight bits of the plan drawn on the chart")
     r.add_argument("--abits", type=_bits, help="mean activation bits of the plan (default: --wbits)")
     r.add_argument("--allocator", choices=ALLOCATORS, default="paper")
-    r.add_argument(*WIDTHS_ARGS, **WIDTHS_OPTIONS)
+    _add_widths_argument(r)
     r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")
