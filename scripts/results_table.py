@@ -252,9 +252,7 @@ def _unpack(row: dict) -> EvalResult:
 def _gap_cell(model: dict | None, reference: dict | None) -> str:
     """``model − reference`` in points with its paired 95 % interval; – where either lacks per-image results
     or the two were measured on different image counts."""
-    if model is None or reference is None or "correct" not in model or "correct" not in reference:
-        return "–"
-    if model["n"] != reference["n"]:
+    if any(row is None or "correct" not in row for row in (model, reference)) or model["n"] != reference["n"]:
         return "–"
     gap = PairedGap.between(_unpack(model), _unpack(reference))
     low, high = gap.confidence_interval()
@@ -335,9 +333,9 @@ def main() -> None:
         done = json.loads(path.read_text()) if path.is_file() else {}
         for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done, args.rows):
             path.write_text(json.dumps(rows, indent=2) + "\n")
-    results = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
-    table = markdown({name: rows for name, rows in results.items() if name in REFERENCES}, args.relevance_images)
-    table += "\n" + paired_markdown({name: rows for name, rows in results.items() if name in REFERENCES})
+    stored = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
+    results = {name: rows for name, rows in stored.items() if name in REFERENCES}
+    table = markdown(results, args.relevance_images) + "\n" + paired_markdown(results)
     (args.out / "results.md").write_text(table)
     print(table)
 
