@@ -56,9 +56,14 @@ def _widths(args: argparse.Namespace, wbits: float, abits: float) -> tuple[int, 
     return widths_for(wbits, abits, tuple(args.widths) if args.widths else None)
 
 
+def _mean_bits(args: argparse.Namespace) -> tuple[int | float, int | float]:
+    """--wbits and --abits, which defaults to --wbits."""
+    return args.wbits, args.abits if args.abits is not None else args.wbits
+
+
 def _targets(args: argparse.Namespace) -> tuple[int | float, int | float]:
     """The mean weight and activation bits asked for; fractional ones need a budgeted allocator."""
-    targets = args.wbits, args.abits if args.abits is not None else args.wbits
+    targets = _mean_bits(args)
     fractional = [bits for bits in targets if not float(bits).is_integer()]
     if fractional and not (args.mixed and args.allocator in FRACTIONAL_ALLOCATORS):
         raise LrpqError(
@@ -265,7 +270,7 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     model = build_model(spec)
     paths = draw_calibration_set(args.data, args.num_images, args.seed)
     images = load_calibration_images(paths, spec.data_config)
-    wbits, abits = args.wbits, args.abits if args.abits is not None else args.wbits
+    wbits, abits = _mean_bits(args)
     widths = _widths(args, wbits, abits)
     scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
     plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)

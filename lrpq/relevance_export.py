@@ -116,9 +116,10 @@ def save_heatmap_grid(
     """Many images, each under its own map, in a grid: how a map method behaves beyond one example."""
     if not overlays or columns < 1:
         raise RelevanceError(f"a heat-map grid needs at least one image and one column, got {len(overlays)}")
+    columns = min(columns, len(overlays))
     rows = -(-len(overlays) // columns)
-    figure = Figure(figsize=(3.0 * min(columns, len(overlays)), 3.2 * rows))
-    panels = figure.subplots(rows, min(columns, len(overlays)), squeeze=False).ravel()
+    figure = Figure(figsize=(3.0 * columns, 3.2 * rows))
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
     for axes, (image, heat, name) in zip(panels, overlays, strict=False):
         _show(axes, _image_array(image), _map_array(heat), name)
     for axes in panels[len(overlays) :]:
