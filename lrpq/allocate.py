@@ -119,7 +119,7 @@ def paper_allocation(
     if target != int(target):
         raise AllocationError(
             f"target={target!r}: the paper rule moves whole bits around an integer target; "
-            "use the exact or sensitivity allocator for a fractional one"
+            "use allocator='exact' for a fractional one"
         )
     target = int(target)
     if isinstance(raised_blocks, bool) or not isinstance(raised_blocks, int) or raised_blocks < 0:

@@ -56,19 +56,17 @@ def _widths(args: argparse.Namespace, wbits: float, abits: float) -> tuple[int, 
     return widths_for(wbits, abits, tuple(args.widths) if args.widths else None)
 
 
-def _mean_bits(args: argparse.Namespace) -> tuple[int | float, int | float]:
-    """--wbits and --abits, which defaults to --wbits."""
-    return args.wbits, args.abits if args.abits is not None else args.wbits
+def _targets(args: argparse.Namespace, budgeted: Sequence[str], how: str) -> tuple[int | float, int | float]:
+    """--wbits and --abits (which defaults to --wbits) as mean bits.
 
-
-def _targets(args: argparse.Namespace) -> tuple[int | float, int | float]:
-    """The mean weight and activation bits asked for; fractional ones need a budgeted allocator."""
-    targets = _mean_bits(args)
+    A fractional mean needs one of the ``budgeted`` allocators; ``how`` tells the user how to ask for one.
+    """
+    targets = args.wbits, args.abits if args.abits is not None else args.wbits
     fractional = [bits for bits in targets if not float(bits).is_integer()]
-    if fractional and not (args.mixed and args.allocator in FRACTIONAL_ALLOCATORS):
+    if fractional and args.allocator not in budgeted:
         raise LrpqError(
-            f"{fractional[0]} bits is a mean no single width has: pass --mixed --allocator "
-            f"{' or '.join(FRACTIONAL_ALLOCATORS)} to spread it over the layers, or use whole bits"
+            f"{fractional[0]} bits is a mean no single width has: pass {how} to spread it over the layers, "
+            "or use whole bits"
         )
     return targets
 
@@ -152,7 +150,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
     if args.widths and not args.mixed:
         raise LrpqError("--widths bounds the widths of a mixed plan: pass it with --mixed")
-    wbits, abits = _targets(args)
+    budgeted = FRACTIONAL_ALLOCATORS if args.mixed else ()
+    wbits, abits = _targets(args, budgeted, f"--mixed --allocator {' or '.join(FRACTIONAL_ALLOCATORS)}")
     widths = _widths(args, wbits, abits) if args.mixed else None
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
@@ -266,12 +265,12 @@ def _heat_map(model: torch.nn.Module, image: torch.Tensor, method: str) -> torch
 
 
 def cmd_relevance(args: argparse.Namespace) -> int:
+    wbits, abits = _targets(args, ("exact",), "--allocator exact")
+    widths = _widths(args, wbits, abits)
     spec = resolve_model(args.model, args.checkpoint)
     model = build_model(spec)
     paths = draw_calibration_set(args.data, args.num_images, args.seed)
     images = load_calibration_images(paths, spec.data_config)
-    wbits, abits = _mean_bits(args)
-    widths = _widths(args, wbits, abits)
     scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
     plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
     heatmaps = [

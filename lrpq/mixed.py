@@ -1,8 +1,8 @@
 """Relevance scores → bit plan: the "mixed" in ``lrpq quantize --mixed``.
 
-Only layers inside transformer blocks (and Swin's patch-merging ``reduction``) take part in the
-allocation; the patch embedding and the classifier head are scored for the report but keep the
-default widths, as in LRP-QViT.
+Only layers inside transformer blocks (and Swin's patch-merging ``reduction``, weighed with the block
+it feeds) take part in the allocation; the patch embedding and the classifier head are scored for the
+report but keep the default widths, as in LRP-QViT.
 """
 
 from __future__ import annotations

@@ -531,13 +531,31 @@ class Explanation:
     block_of: dict[str, str]
 
 
+def _fed_blocks(model: nn.Module) -> dict[str, str]:
+    """Each Swin patch merging → the block its output feeds (the first of its stage).
+
+    Scores are normalised within a block; a merging alone in its block would always have relative
+    importance 1.0, so it is compared with the layers of the block it hands its tokens to.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    return {
+        names[stage.downsample]: names[stage.blocks[0]]
+        for stage in model.modules()
+        if isinstance(stage, SwinTransformerStage) and isinstance(stage.downsample, PatchMerging) and len(stage.blocks)
+    }
+
+
 def block_of_layers(names: Iterable[str], model: nn.Module) -> dict[str, str]:
-    """Each scored layer's block: its nearest enclosing block module, else the classifier 'head'."""
+    """Each scored layer's block: its nearest enclosing block module, else the classifier 'head'.
+
+    A Swin patch merging's reduction belongs to the block it feeds (``_fed_blocks``).
+    """
     blocks = [name for name, module in model.named_modules() if isinstance(module, _BLOCK_TYPES)]
+    fed = _fed_blocks(model)
     result = {}
     for name in names:
         owner = max((b for b in blocks if name.startswith(f"{b}.")), key=len, default=_HEAD_BLOCK)
-        result[name] = owner
+        result[name] = fed.get(owner, owner)
     return result
 
 

@@ -342,7 +342,7 @@ def test_make_bit_plan_rejects_bad_requests() -> None:
         make_bit_plan(relative, block_of, order, wbits=4, abits=4, weight_layers=["head"])
     with pytest.raises(AllocationError, match=r"abits='4' is not a number"):
         make_bit_plan(relative, block_of, order, wbits=4, abits="4", weight_layers=())  # type: ignore[arg-type]
-    with pytest.raises(AllocationError, match=r"target=4.5: the paper rule moves whole bits.*exact or sensitivity"):
+    with pytest.raises(AllocationError, match=r"target=4.5: the paper rule moves whole bits.*allocator='exact'"):
         make_bit_plan(relative, block_of, order, wbits=4, abits=4.5, weight_layers=())
     with pytest.raises(AllocationError, match="cannot be raised to 7"):
         make_bit_plan(relative, block_of, order, wbits=4, abits=6, weight_layers=())

@@ -390,6 +390,18 @@ def test_relevance_command_writes_scores_chart_and_heat_maps(
     assert scores["num_images"] == 3
 
 
+def test_relevance_refuses_fractional_bits_for_the_paper_rule_before_any_work(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace["root"] / "relevance_paper_fractional"
+    missing = workspace["root"] / "no_such_folder"  # refused before the data is even looked at
+    argv = ["relevance", workspace["card"], "--data", missing, "--wbits", "3.5", "--out", out]
+    status, _, err = run_cli(argv, capsys)
+    line = assert_one_error_line(status, err, "3.5 bits", "--allocator exact")
+    assert "sensitivity" not in line  # an allocator of `quantize`, not of `relevance`
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra", [(), ("--mixed",), ("--mixed", "--allocator", "paper")])
 def test_fractional_bits_need_a_budgeted_allocator(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]

@@ -216,9 +216,19 @@ def test_block_names_follow_the_timm_module_tree() -> None:
     assert vit["patch_embed.proj"] == "patch_embed"
     assert vit["blocks.1.attn.matmul1"] == "blocks.1"
     assert vit["head"] == vit["head_dist"] == "head"
-    assert swin["layers.1.downsample.reduction"] == "layers.1.downsample"
+    assert swin["layers.1.downsample.reduction"] == "layers.1.blocks.0"  # the block it feeds
     assert swin["layers.0.blocks.1.mlp.fc2"] == "layers.0.blocks.1"
     assert swin["head.fc"] == "head"
+
+
+def test_swin_patch_merging_is_weighed_against_the_block_it_feeds() -> None:
+    """Alone in a block its relative importance would be 1.0 whatever its score."""
+    scores = compute_layer_scores(_tiny("swin"), _images("swin", 2), progress=False)
+    relative = scores.relative()
+    fed = [name for name, block in scores.block_of.items() if block == "layers.1.blocks.0"]
+    assert len(fed) == len(VIT_LAYERS) + 1
+    assert 0.0 < relative["layers.1.downsample.reduction"] < 1.0
+    assert math.isclose(sum(relative[name] for name in fed), 1.0, rel_tol=1e-9)
 
 
 def test_swin_relevance_is_conserved_from_logits_to_pixels() -> None:
