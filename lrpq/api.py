@@ -289,7 +289,7 @@ def quantize(
         _run(model, calib, batch_size, calibration_run, "calibration", progress)
     for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
         weight, grid = rounded[name].weight, rounded[name].weight_quantizer
-        weight.copy_(gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
+        grid.hold_rounding(weight, gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
     convert(model)
     if corrected:
         with correcting_biases(corrected, float_means):

@@ -1,14 +1,17 @@
 """Packed export: quantized weights stored as real low-bit integers, so a W4 file is ~1/8 of the float one.
 
 ``save_packed(model, path)`` writes one safetensors file. Every weight whose quantizer is in QUANT
-mode is replaced by its integer codes ``q = clamp(round(w / s) + z, 0, 2^b - 1)`` packed as a dense
-bitstream; its scale and zero point stay in the state dict as they are (float32). Every other tensor
-(biases, norms, embeddings, activation quantizer parameters, weights that are not quantized) is stored
+mode is replaced by the integer codes its quantizer dequantizes (``q = clamp(round(w / s) + z, 0, 2^b - 1)``
+moved by GPTQ's rounding offsets) packed as a dense bitstream; its scale and zero point stay in the
+state dict as they are (float32), and its rounding offsets are left out. Every other tensor (biases,
+norms, embeddings, activation quantizer parameters, weights that are not quantized) is stored
 unchanged. ``load_packed_state(path)`` returns a full state dict for ``model.load_state_dict``.
 
 Bit-exactness: a packed weight comes back as ``(q - z) · s``, which is exactly the fake-quantized
-original. Fake-quantizing it again divides by ``s`` and lands within an ulp of the integer ``q - z``,
-which rounds back to itself, so the rebuilt model computes the same tensors as the saved one.
+original, with zero rounding offsets. Fake-quantizing it again divides by ``s`` and lands within an ulp
+of the integer ``q - z``, which rounds back to itself, so the rebuilt model computes the same tensors
+as the saved one. The float weights are not in the file: a model loaded from it is the quantized one
+with its quantizers off too.
 
 Layout: code ``i`` of a ``b``-bit tensor occupies bits ``[i·b, (i+1)·b)`` of the stream, most
 significant bit first, and stream bit ``j`` is bit ``7 - j % 8`` of byte ``j // 8``. For 4 bits this is
@@ -30,7 +33,6 @@ from torch import nn
 
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear
-from lrpq.primitives import quantize_uniform
 from lrpq.quantizers import QuantMode
 
 PACKED_FILE = "model.packed.safetensors"
@@ -72,14 +74,15 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
     for key, layer in _packable_weights(model).items():
         quantizer = layer.weight_quantizer
         prefix = key.removesuffix("weight")
-        codes = quantize_uniform(layer.weight.detach(), quantizer.scale, quantizer.zero_point, quantizer.bits)
-        state[key] = pack_codes(codes, quantizer.bits)
+        state[key] = pack_codes(quantizer.codes(layer.weight.detach()), quantizer.bits)
+        del state[f"{prefix}weight_quantizer.rounding_offset"]  # the packed codes already hold the rounding
         packed[key] = {
             "bits": quantizer.bits,
             "shape": list(layer.weight.shape),
             "dtype": str(layer.weight.dtype).removeprefix("torch."),
             "scale": f"{prefix}weight_quantizer.scale",
             "zero_point": f"{prefix}weight_quantizer.zero_point",
+            "rounding_offset": f"{prefix}weight_quantizer.rounding_offset",
         }
     metadata = {_METADATA_KEY: json.dumps({"version": _FORMAT_VERSION, "weights": packed})}
     path = Path(path)
@@ -107,4 +110,5 @@ def load_packed_state(path: str | Path) -> dict[str, torch.Tensor]:
         shape = torch.Size(info["shape"])
         codes = unpack_codes(stream, info["bits"], shape.numel()).view(shape)
         state[key] = ((codes.to(scale.dtype) - zero_point) * scale).to(getattr(torch, info["dtype"]))
+        state[info["rounding_offset"]] = torch.zeros(shape, dtype=torch.int8)  # the weight is its own nearest level
     return state

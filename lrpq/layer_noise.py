@@ -13,9 +13,10 @@ the mean width over the quantized layers, and on the reference ViT CIFAR-10 the 
 weight is the largest single noise point. An input whose width the config pins whatever the target
 (the patch embedding's, the image, at ``conv_abits``) is not measured and keeps that width.
 
-GPTQ and bias correction are left out of the measurement: GPTQ rounds weights in place (they would
-stay rounded with their quantizers off) and bias correction moves every bias against the error of all
-layers at once, so neither lets one layer be measured alone. The plan is then used with them.
+GPTQ and bias correction are left out of the measurement. Bias correction moves every bias against
+the error of all layers at once, so it does not let one layer be measured alone; measuring each weight
+with its GPTQ rounding instead changed few widths and not the logit SNR (``docs/findings.md``), for a
+GPTQ pass per width. The plan is then used with both.
 """
 
 from __future__ import annotations

@@ -17,20 +17,17 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from lrpq.config import LayerBits, QuantConfig
-from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer
+from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer, WeightQuantizer
 from lrpq.reparam import InputReparam, ensure_bias
 
 
 def _layer_quantizers(
     name: str, bits: LayerBits, config: QuantConfig, weight: torch.Tensor
-) -> tuple[UniformQuantizer, UniformQuantizer]:
+) -> tuple[UniformQuantizer, WeightQuantizer]:
     """Per-tensor input quantizer and (by default) per-output-channel weight quantizer of a layer."""
     input_quantizer = UniformQuantizer(f"{name}.input", bits.abits, config.percentiles)
-    if not config.per_channel_weights:
-        return input_quantizer, UniformQuantizer(f"{name}.weight", bits.wbits, config.percentiles)
-    channel_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
-    weight_quantizer = UniformQuantizer(
-        f"{name}.weight", bits.wbits, config.percentiles, channel_dim=0, param_shape=channel_shape
+    weight_quantizer = WeightQuantizer(
+        f"{name}.weight", bits.wbits, config.percentiles, weight, per_channel=config.per_channel_weights
     )
     return input_quantizer, weight_quantizer
 
@@ -56,10 +53,10 @@ class _WeightCache:
         self._key: tuple[object, ...] | None = None
         self._value: torch.Tensor | None = None
 
-    def get(self, weight: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
+    def get(self, weight: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
         if quantizer.mode is not QuantMode.QUANT or not torch.is_inference_mode_enabled():
             return quantizer(weight)
-        sources = (weight, quantizer.scale, quantizer.zero_point)
+        sources = (weight, quantizer.scale, quantizer.zero_point, quantizer.rounding_offset)
         if any(t.is_inference() for t in sources):
             return quantizer(weight)
         key = (quantizer.bits, *(_identity(t) for t in sources))

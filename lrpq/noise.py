@@ -2,10 +2,10 @@
 
 A fake-quantized model computes its float function when every quantizer is OFF, so switching on one
 group of quantization points at a time isolates that group's share of the output noise. The reference
-is the same model with everything OFF, so the reparameterizations (exact up to rounding) cancel out;
-weights that GPTQ rounded in place stay rounded with their quantizers OFF, so with ``gptq`` every group
-includes the weight noise. Biases moved by ``bias_correction`` also stay with everything OFF, and they
-offset the mean error of all points at once, so break down models without it.
+is the same model with everything OFF, so the reparameterizations (exact up to rounding) cancel out.
+GPTQ's rounding lives in the weight quantizers (``WeightQuantizer.rounding_offset``), so it counts
+only where a weight is switched on. Biases moved by ``bias_correction`` stay with everything OFF, and
+they offset the mean error of all points at once, so break down models without it.
 """
 
 from __future__ import annotations

@@ -29,15 +29,35 @@ def uniform_qparams(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> tupl
     return scale, zero_point
 
 
-def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of ``x`` on the uniform grid, as floats in [0, 2^b - 1]."""
-    return torch.clamp(torch.round(x / scale) + zero_point, 0, 2**bits - 1)
+def quantize_uniform(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    *,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integer codes of ``x`` on the uniform grid, as floats in [0, 2^b - 1].
+
+    ``offset`` (levels, shaped like ``x``) moves each code from the nearest level to a chosen one, as
+    GPTQ's rounding does. ``x / scale`` is taken as ``x · (1 / scale)``, as in ``fake_quant_uniform``,
+    so codes and fake-quantized values always agree.
+    """
+    levels = 2**bits - 1
+    codes = torch.clamp(torch.round(x * scale.reciprocal()) + zero_point, 0, levels)
+    return codes if offset is None else codes.add_(offset).clamp_(0, levels)
 
 
 def fake_quant_uniform(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, *, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    *,
+    offset: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize then dequantize: the value an integer kernel would reproduce.
+    """Quantize then dequantize: the value an integer kernel would reproduce (``offset`` as in ``quantize_uniform``).
 
     Evaluated as ``clamp(round(x / scale), -zero_point, 2^b - 1 - zero_point) · scale`` in place on one
     buffer. The zero point is an integer, so moving it into the clamp bounds is exact and the values
@@ -51,12 +71,19 @@ def fake_quant_uniform(
     """
     levels = 2**bits - 1
     codes = torch.mul(x, scale.reciprocal(), out=out).round_()
+    _clamp_centred_codes(codes, zero_point, levels)
+    if offset is not None:
+        _clamp_centred_codes(codes.add_(offset), zero_point, levels)
+    return codes.mul_(scale)
+
+
+def _clamp_centred_codes(codes: torch.Tensor, zero_point: torch.Tensor, levels: int) -> None:
+    """Clamp codes less their zero point to the grid, in place; a single zero point as number bounds."""
     if zero_point.numel() == 1:
         low = -float(zero_point)
         codes.clamp_(low, levels + low)
     else:
         codes.clamp_min_(-zero_point).clamp_max_(levels - zero_point)
-    return codes.mul_(scale)
 
 
 def _codes_of_ratio(ratio: torch.Tensor, bits: int) -> torch.Tensor:

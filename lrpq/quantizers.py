@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lrpq.observers import LogSqrt2Observer, UniformObserver
-from lrpq.primitives import fake_quant_log2, fake_quant_log_sqrt2, fake_quant_uniform
+from lrpq.primitives import fake_quant_log2, fake_quant_log_sqrt2, fake_quant_uniform, quantize_uniform
 
 
 class QuantMode(enum.Enum):
@@ -162,6 +162,40 @@ class UniformQuantizer(FakeQuantizer):
 
     def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out)
+
+
+class WeightQuantizer(UniformQuantizer):
+    """A weight's grid (per output channel by default) and, for each weight, the level it rounds to.
+
+    GPTQ rounds some weights to a level other than the nearest. Holding that choice here, as an
+    offset in levels from the nearest one, keeps the float weight itself unchanged: OFF is still the
+    float model, QUANT reproduces GPTQ's weights exactly, and the offsets are part of the state dict.
+    Offsets are zero (nearest rounding) after every ``calibrate_from``, until ``hold_rounding``.
+    """
+
+    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...], weight: torch.Tensor, per_channel: bool):
+        channel_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else ()
+        super().__init__(name, bits, percentiles, channel_dim=0 if per_channel else None, param_shape=channel_shape)
+        self.register_buffer("rounding_offset", torch.zeros(weight.shape, dtype=torch.int8, device=weight.device))
+
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        super().calibrate_from(x)
+        self.rounding_offset.zero_()
+
+    def hold_rounding(self, weight: torch.Tensor, rounded: torch.Tensor) -> None:
+        """Quantize ``weight`` to ``rounded`` (values on this grid, e.g. GPTQ's) from now on."""
+        levels = quantize_uniform(rounded, self.scale, self.zero_point, self.bits)
+        offset = levels - quantize_uniform(weight, self.scale, self.zero_point, self.bits)
+        if offset.abs().max() > torch.iinfo(self.rounding_offset.dtype).max:
+            raise ValueError(f"quantizer '{self.name}': a rounding moves a weight by more than 127 levels")
+        self.rounding_offset.copy_(offset)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes QUANT dequantizes, as floats in [0, 2^b - 1]."""
+        return quantize_uniform(weight, self.scale, self.zero_point, self.bits, offset=self.rounding_offset)
+
+    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, offset=self.rounding_offset, out=out)
 
 
 class LogSqrt2Quantizer(FakeQuantizer):

@@ -111,7 +111,13 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
     config = QuantConfig.from_json_dict(payload["quant"])
     architecture = ModelSpec.from_json_dict({**payload["model"], "checkpoint": None, "pretrained": False})
     model = convert(prepare(build_model(architecture), config))
-    model.load_state_dict(load_file(str(run_dir / MODEL_FILE)), strict=True)
+    state = load_file(str(run_dir / MODEL_FILE))
+    missing = sorted(model.state_dict().keys() - state.keys())
+    unexpected = sorted(state.keys() - model.state_dict().keys())
+    if missing or unexpected:  # e.g. a run written by an lrpq whose layers held other tensors
+        which = f"lacks {missing[0]!r}" if missing else f"has an unknown {unexpected[0]!r}"
+        raise RunError(f"{run_dir / MODEL_FILE} {which}: it was not written by this lrpq; quantize the model again")
+    model.load_state_dict(state, strict=True)
     set_mode(model, QuantMode.QUANT)
     return model.eval(), spec, config
 

@@ -1,10 +1,10 @@
 """Which quantization points cost a shared reference model its accuracy: logit SNR per group.
 
-Quantizes the reference model as ``results_table.py`` does, but with nearest rounding unless
-``--gptq``, then switches on one group of points at a time (``lrpq.noise``) on images spread over the
-dev folder and prints each group's logit SNR against the same model with every quantizer off, worst
-first. Groups are point kinds across blocks (``mlp.fc2.input``, ``attn.matmul1.a`` …) or, with
-``--by layer``, each layer's inputs and weight.
+Quantizes the reference model as ``results_table.py`` does (``--no-gptq``: nearest rounding), then
+switches on one group of points at a time (``lrpq.noise``) on images spread over the dev folder and
+prints each group's logit SNR against the same model with every quantizer off, worst first. Groups
+are point kinds across blocks (``mlp.fc2.input``, ``attn.matmul1.a`` …) or, with ``--by layer``, each
+layer's inputs and weight.
 
     python scripts/noise_breakdown.py --models ref-B --wbits 6 --abits 6 --images 150
     python scripts/noise_breakdown.py --models ref-B --wbits 4 --abits 4 --by layer --json noise.json
@@ -44,21 +44,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=["ref-B"])
     parser.add_argument("--wbits", type=int, default=6)
     parser.add_argument("--abits", type=int, default=6)
-    parser.add_argument(
-        "--gptq",
-        action="store_true",
-        help="round weights by GPTQ, lrpq's default (off here: GPTQ's rounded weights "
-        "stay with their quantizers off, so every group would include them)",
-    )
+    parser.add_argument("--no-gptq", action="store_true", help="round weights to the nearest level, not by GPTQ")
     parser.add_argument("--images", type=int, default=150, help="dev images, spread over every class")
     parser.add_argument("--by", choices=("kind", "layer"), default="kind")
     parser.add_argument("--json", type=Path, help="write {model: {group: snr_db}} here")
     args = parser.parse_args()
-    config = QuantConfig(args.wbits, args.abits, gptq=args.gptq)
+    config = QuantConfig(args.wbits, args.abits, gptq=not args.no_gptq)
     results = {}
     for label in args.models:
         results[label] = breakdown(label, config, args.images, args.by)
-        print(f"{label} W{args.wbits}A{args.abits}{' + GPTQ' if args.gptq else ''}, {args.images} dev images")
+        print(f"{label} W{args.wbits}A{args.abits}{'' if args.no_gptq else ' + GPTQ'}, {args.images} dev images")
         print(f"{'group':<36} {'logit SNR (dB)':>14}")
         for group, db in results[label].items():
             print(f"{group:<36} {db:14.2f}")

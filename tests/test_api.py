@@ -137,9 +137,9 @@ def test_center_keys_puts_every_key_channel_range_around_zero() -> None:
         keys = keys.permute(0, 2, 1, 3).reshape(-1, 48)  # channel = head·head_dim + d, as in the qkv output
         return (keys.amin(0) + keys.amax(0)) / 2
 
-    centred = key_midpoints(QuantConfig(8, 8, gptq=False))  # GPTQ would move the float keys by its rounding
+    centred = key_midpoints(QuantConfig(8, 8))
     assert centred.abs().max() < 1e-4
-    assert key_midpoints(QuantConfig(8, 8, center_keys=False, gptq=False)).abs().max() > 3.0
+    assert key_midpoints(QuantConfig(8, 8, center_keys=False)).abs().max() > 3.0
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])

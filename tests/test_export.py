@@ -55,7 +55,11 @@ def test_packed_export_round_trips_bit_exactly(tmp_path: Path, family: str, bits
     assert state.keys() == original.keys()
     packed_weights = {key for key in original if key.endswith(".weight") and f"{key}_quantizer.scale" in original}
     assert packed_weights, "the model should have quantized weights to pack"
-    for key in original.keys() - packed_weights:
+    offsets = {f"{key}_quantizer.rounding_offset" for key in packed_weights}
+    assert gptq == any(original[key].any() for key in offsets)  # GPTQ moved some weights off the nearest level
+    for key in offsets:
+        assert not state[key].any(), key  # the packed codes hold the rounding: a loaded weight is its own level
+    for key in original.keys() - packed_weights - offsets:
         assert torch.equal(state[key], original[key]), key  # everything else is stored as it was
 
     loaded = rebuilt(family, config, state)

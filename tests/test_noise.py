@@ -76,9 +76,8 @@ def test_breakdown_matches_whole_model_noise_and_isolates_groups() -> None:
 
 def test_fewer_bits_at_a_layer_show_as_lower_snr_of_that_layer() -> None:
     layer = "blocks.0.mlp.fc1"
-    # nearest rounding: GPTQ's rounded weights would stay with their quantizers off (lrpq.noise)
-    wide = quantized_tiny(config=QuantConfig(6, 6, gptq=False, bit_plan=BitPlan({layer: LayerBits(8, 8)})))
-    narrow = quantized_tiny(config=QuantConfig(6, 6, gptq=False, bit_plan=BitPlan({layer: LayerBits(3, 3)})))
+    wide = quantized_tiny(config=QuantConfig(6, 6, bit_plan=BitPlan({layer: LayerBits(8, 8)})))
+    narrow = quantized_tiny(config=QuantConfig(6, 6, bit_plan=BitPlan({layer: LayerBits(3, 3)})))
     x = tiny_input("vit", 6, seed=3)
     wide_db = noise_breakdown(wide, x, groups_by_layer(wide))
     narrow_db = noise_breakdown(narrow, x, groups_by_layer(narrow))

@@ -42,6 +42,16 @@ def test_uniform_codes_and_values_by_hand() -> None:
     assert torch.equal(fake_quant_uniform(x, scale, zero_point, 2), expected_values)
 
 
+def test_offsets_move_codes_by_whole_levels_within_the_grid() -> None:
+    scale, zero_point = torch.tensor(0.5), torch.tensor(2.0)
+    x = torch.tensor([-1.0, -0.2, 0.3, 0.4, 0.6])  # nearest codes 0, 2, 3, 3, 3
+    offset = torch.tensor([-1, 1, -2, 0, 1], dtype=torch.int8)
+    expected_codes = torch.tensor([0.0, 3.0, 1.0, 3.0, 3.0])  # 0-1 and 3+1 clamp to the 2-bit grid
+    assert torch.equal(quantize_uniform(x, scale, zero_point, 2, offset=offset), expected_codes)
+    expected_values = (expected_codes - zero_point) * scale
+    assert torch.equal(fake_quant_uniform(x, scale, zero_point, 2, offset=offset), expected_values)
+
+
 def test_uniform_rounds_half_to_even() -> None:
     # 0.5 and 1.5 are ties: round-half-to-even gives 0 and 2, so codes 1 and 3 (torch.round semantics).
     scale, zero_point = torch.tensor(1.0), torch.tensor(1.0)

@@ -9,7 +9,7 @@ import torch
 
 from lrpq.calibrate import calibration
 from lrpq.observers import CalibrationError
-from lrpq.quantizers import Log2Quantizer, LogSqrt2Quantizer, QuantMode, UniformQuantizer
+from lrpq.quantizers import Log2Quantizer, LogSqrt2Quantizer, QuantMode, UniformQuantizer, WeightQuantizer
 
 MINMAX = (1.0,)  # percentile 1.0 only: the observed range is exactly [min, max]
 
@@ -67,6 +67,36 @@ def test_per_channel_weight_calibration_by_hand() -> None:
     assert quantizer.mode is QuantMode.QUANT
     # Every row's values are grid points of its own grid, so fake quantization reproduces them.
     assert torch.equal(quantizer(weight), weight)
+
+
+def test_weight_quantizer_holds_a_chosen_rounding_and_stays_float_when_off() -> None:
+    weight = torch.tensor([[-1.0, 0.4, 2.0], [0.0, 1.4, 3.0]])
+    quantizer = WeightQuantizer("w", 2, MINMAX, weight, per_channel=True)
+    quantizer.calibrate_from(weight)  # rows: scale 1, zero points 1 and 0; nearest levels 0.0 and 1.0
+    rounded = torch.tensor([[-1.0, 1.0, 2.0], [0.0, 2.0, 3.0]])  # the middle weights one level up
+    quantizer.hold_rounding(weight, rounded)
+    assert quantizer.rounding_offset.tolist() == [[0, 1, 0], [0, 1, 0]]
+    assert torch.equal(quantizer(weight), rounded)
+    assert torch.equal(quantizer.codes(weight), torch.tensor([[0.0, 2.0, 3.0], [0.0, 2.0, 3.0]]))
+    quantizer.mode = QuantMode.OFF
+    assert torch.equal(quantizer(weight), weight)  # the float weight itself was never changed
+
+    fresh = WeightQuantizer("w", 2, MINMAX, weight, per_channel=True)
+    fresh.load_state_dict(quantizer.state_dict())  # the rounding travels with the state dict
+    fresh.mode = QuantMode.QUANT
+    assert torch.equal(fresh(weight), rounded)
+    fresh.calibrate_from(weight)  # a new grid starts from nearest rounding again
+    assert not fresh.rounding_offset.any()
+    assert torch.equal(fresh(weight), torch.tensor([[-1.0, 0.0, 2.0], [0.0, 1.0, 3.0]]))
+
+
+def test_weight_quantizer_per_tensor_has_one_grid() -> None:
+    weight = torch.tensor([[-2.0, 0.0], [1.0, 4.0]])
+    quantizer = WeightQuantizer("w", 2, MINMAX, weight, per_channel=False)
+    quantizer.calibrate_from(weight)  # [-2, 4] on 3 steps: scale 2, zero point 1
+    assert quantizer.scale.shape == quantizer.zero_point.shape == ()
+    assert (quantizer.scale.item(), quantizer.zero_point.item()) == (2.0, 1.0)
+    assert quantizer.rounding_offset.shape == weight.shape
 
 
 def test_calibration_context_switches_to_quant_on_clean_exit() -> None:

@@ -10,7 +10,15 @@ import torch
 from conftest import FAMILIES, build_tiny, tiny_input
 from torch import nn
 
-from lrpq.api import prepare, quantize, rotatable_attentions, rotate_attention_heads, set_mode, shiftable_attentions
+from lrpq.api import (
+    prepare,
+    quantize,
+    rotatable_attentions,
+    rotate_attention_heads,
+    set_mode,
+    shiftable_attentions,
+    weighted_layers,
+)
 from lrpq.config import QuantConfig
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
@@ -302,8 +310,9 @@ def test_quantize_with_crl_then_off_is_the_float_model(make_model, family: str, 
     if image_size is not None:
         x = x[..., :image_size, :image_size]
     calib, check = x[:2], x[2:]
-    config = QuantConfig(wbits=4, abits=4, clip_k=clip_k, gptq=False)  # GPTQ rounds weights in place, off or not
+    config = QuantConfig(wbits=4, abits=4, clip_k=clip_k)
     model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+    assert any(layer.weight_quantizer.rounding_offset.any() for layer in weighted_layers(model).values())  # GPTQ's
     norm_name = "blocks.0.norm1" if family == "vit" else "layers.0.blocks.0.norm2"
     assert not torch.equal(model.get_submodule(norm_name).weight, float_model.get_submodule(norm_name).weight)
     fc2_name = "blocks.0.mlp.fc2" if family == "vit" else "layers.0.blocks.0.mlp.fc2"

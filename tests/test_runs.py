@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, tiny_input
+from safetensors.torch import load_file, save_file
 
 from lrpq.api import quant_layers, quantize, quantizers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
@@ -150,6 +151,15 @@ def test_save_run_failure_and_existing_folder(tmp_path: Path) -> None:
         save_run(tmp_path / "run", model, spec, QuantConfig(), {})
     save_run(tmp_path / "run", model, spec, QuantConfig(), {"again": 1}, overwrite=True)
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"again": 1}
+
+
+def test_load_run_names_a_model_file_from_another_lrpq(tmp_path: Path) -> None:
+    _, _, _, out = quantized_run("vit", tmp_path)
+    state = load_file(str(out / "model.safetensors"))
+    older = {key: value for key, value in state.items() if not key.endswith("rounding_offset")}  # before GPTQ offsets
+    save_file(older, str(out / "model.safetensors"))
+    with pytest.raises(RunError, match=r"model.safetensors lacks '.*rounding_offset'.*quantize the model again"):
+        load_run(out)
 
 
 def test_load_run_rejects_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
