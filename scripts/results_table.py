@@ -155,14 +155,24 @@ def _same_setting(stored: dict | None, wanted: dict) -> bool:
     return QuantConfig.from_json_dict(stored["config"]) == QuantConfig.from_json_dict(wanted["config"])
 
 
-def _row_setting(config: QuantConfig | None, allocator: str | None, limit: int | None, relevance_images: int) -> dict:
+def _row_setting(
+    config: QuantConfig | None,
+    allocator: str | None,
+    limit: int | None,
+    relevance_images: int,
+    calib_seed: int | None = None,
+) -> dict:
     """What a row is measured with: a stored row is reused only if its setting is this one."""
-    return {
-        "config": config.to_json_dict() if config is not None else None,
-        "limit": limit,
-        "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
-        "allocator": allocator,
-    } | ({"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {})
+    return (
+        {
+            "config": config.to_json_dict() if config is not None else None,
+            "limit": limit,
+            "relevance_images": relevance_images if allocator and allocator != SENSITIVITY_ALLOCATOR else None,
+            "allocator": allocator,
+        }
+        | ({"noise_images": DEFAULT_NOISE_IMAGES, "noise_layers": "all"} if allocator == SENSITIVITY_ALLOCATOR else {})
+        | ({"calib_seed": calib_seed} if calib_seed is not None else {})
+    )
 
 
 def _measured_noise(
@@ -184,16 +194,21 @@ def run_reference(
     seed: int,
     done: dict,
     only: Collection[str] | None = None,
+    calib_seed: int | None = None,
 ) -> Iterator[dict]:
     """Top-1 of every row not already in ``done``, yielding all rows after each one.
 
     Rows are keyed by label, so an interrupted run resumes; a stored row is reused only if it was
     measured with the same configuration, image limit, relevance images and allocator, and re-run
     otherwise. ``only`` names rows to run even if stored (the others keep what is stored), e.g. to
-    measure a fixed row and its mixed twin on one machine.
+    measure a fixed row and its mixed twin on one machine. ``calib_seed`` draws the calibration images
+    from the calib folder with that seed instead of reading the fixed list.
     """
     spec = resolve_model(str(ref.card))
-    calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
+    calib_paths = read_calibration_list(ref.calib_list, ref.data / "calib")
+    if calib_seed is not None:  # as many images as the fixed list, another draw
+        calib_paths = draw_calibration_set(ref.data / "calib", len(calib_paths), calib_seed)
+    calib = load_calibration_images(calib_paths, spec.data_config)
     relevance_set = load_calibration_images(
         draw_calibration_set(ref.data / "calib", relevance_images, seed), spec.data_config
     )
@@ -202,7 +217,7 @@ def run_reference(
     for label, config, allocator in ROWS:
         if only is not None and label not in only:
             continue
-        setting = _row_setting(config, allocator, limit, relevance_images)
+        setting = _row_setting(config, allocator, limit, relevance_images, calib_seed)
         if only is None and label in rows and _same_setting(rows[label].get("setting"), setting):
             continue
         torch.manual_seed(seed)
@@ -282,7 +297,7 @@ def paired_markdown(results: dict[str, dict]) -> str:
     )
 
 
-def markdown(results: dict[str, dict], relevance_images: int) -> str:
+def markdown(results: dict[str, dict], relevance_images: int, calib_seed: int | None = None) -> str:
     """The table; a cell whose stored setting is not the row's current one (e.g. a row kept from before
     its method changed, when ``--rows`` ran others) is marked † until it is re-run."""
     names = [name for name in REFERENCES if name in results]
@@ -296,7 +311,8 @@ def markdown(results: dict[str, dict], relevance_images: int) -> str:
             if row is None:
                 cells.append("–")
                 continue
-            wanted = _row_setting(config, allocator, results[name]["float"]["setting"]["limit"], relevance_images)
+            limit = results[name]["float"]["setting"]["limit"]
+            wanted = _row_setting(config, allocator, limit, relevance_images, calib_seed)
             current = _same_setting(row.get("setting"), wanted)
             stale |= not current
             cells.append(f"{row['top1']:.2f}" + ("" if current else " †"))
@@ -311,7 +327,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
     parser.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of each dev folder")
     parser.add_argument("--relevance-images", type=int, default=DEFAULT_RELEVANCE_IMAGES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the relevance images and of torch")
+    parser.add_argument(
+        "--calib-seed",
+        type=int,
+        help="draw the calibration images from the calib folder with this seed instead of the fixed lists in calib/ "
+        "(the spread over draws: scripts/calibration_spread.py)",
+    )
     parser.add_argument(
         "--rows", nargs="+", choices=[label for label, _, _ in ROWS], help="run only these rows, stored or not"
     )
@@ -331,11 +353,14 @@ def main() -> None:
     for name in args.models:
         path = args.out / f"{name}.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
-        for rows in run_reference(REFERENCES[name], args.limit, args.relevance_images, args.seed, done, args.rows):
+        runs = run_reference(
+            REFERENCES[name], args.limit, args.relevance_images, args.seed, done, args.rows, args.calib_seed
+        )
+        for rows in runs:
             path.write_text(json.dumps(rows, indent=2) + "\n")
     stored = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
     results = {name: rows for name, rows in stored.items() if name in REFERENCES}
-    table = markdown(results, args.relevance_images) + "\n" + paired_markdown(results)
+    table = markdown(results, args.relevance_images, args.calib_seed) + "\n" + paired_markdown(results)
     (args.out / "results.md").write_text(table)
     print(table)
 
