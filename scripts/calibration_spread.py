@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from results_table import FIXED_TWIN, REFERENCES, REPO, ROWS, _unpack
+from results_table import FIXED_TWIN, REFERENCES, REPO, ROWS, unpack_row
 
 from lrpq.evaluate import Z_95
 
@@ -46,7 +46,7 @@ def _correct(draws: dict[int, dict], label: str) -> np.ndarray | None:
     rows = [draws[seed].get(label) for seed in sorted(draws)]
     if any(row is None or "correct" not in row for row in rows) or len({row["n"] for row in rows}) != 1:
         return None
-    return np.array([_unpack(row).correct for row in rows], dtype=float)
+    return np.array([unpack_row(row).correct for row in rows], dtype=float)
 
 
 def mean_gap(model: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:

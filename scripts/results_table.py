@@ -257,7 +257,7 @@ def _pack(correct: tuple[bool, ...]) -> str:
     return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
 
 
-def _unpack(row: dict) -> EvalResult:
+def unpack_row(row: dict) -> EvalResult:
     """A stored row as an ``EvalResult`` with its per-image correctness (empty if stored without it)."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(row.get("correct", "")), dtype=np.uint8))[: row["n"]]
     correct = tuple(bits.astype(bool).tolist())
@@ -269,7 +269,7 @@ def _gap_cell(model: dict | None, reference: dict | None) -> str:
     or the two were measured on different image counts."""
     if any(row is None or "correct" not in row for row in (model, reference)) or model["n"] != reference["n"]:
         return "–"
-    gap = PairedGap.between(_unpack(model), _unpack(reference))
+    gap = PairedGap.between(unpack_row(model), unpack_row(reference))
     low, high = gap.confidence_interval()
     return f"{gap.difference:+.2f} ({low:+.2f} … {high:+.2f})"
 
