@@ -41,9 +41,14 @@ def load_draws(name: str, results: Path, runs: Path) -> dict[int, dict]:
     return draws
 
 
-def _correct(draws: dict[int, dict], label: str) -> np.ndarray | None:
-    """(draws, images) per-image correctness of a row, or None if a draw lacks it."""
-    rows = [draws[seed].get(label) for seed in sorted(draws)]
+def _measured_in(draws: dict[int, dict], label: str) -> list[int]:
+    """The draws that hold a row with its per-image correctness."""
+    return [seed for seed in sorted(draws) if "correct" in draws[seed].get(label, {})]
+
+
+def _correct(draws: dict[int, dict], label: str, seeds: list[int]) -> np.ndarray | None:
+    """(draws, images) per-image correctness of a row on ``seeds``, or None if one of them lacks it."""
+    rows = [draws[seed].get(label) for seed in seeds]
     if any(row is None or "correct" not in row for row in rows) or len({row["n"] for row in rows}) != 1:
         return None
     return np.array([unpack_row(row).correct for row in rows], dtype=float)
@@ -61,20 +66,24 @@ def _gap_cell(gap: tuple[float, float, float] | None) -> str:
 
 
 def spread_markdown(name: str, draws: dict[int, dict]) -> str:
-    """One line per row measured with every draw: top-1 per draw, mean, mean gaps to float and twin."""
+    """One line per row measured with two draws or more (the others are the README table's): top-1 per
+    draw, mean, and mean gaps to float and to the fixed twin over the draws the row has."""
     seeds = sorted(draws)
     lines = [
-        f"{REFERENCES[name].label}, calibration draws {', '.join(map(str, seeds))} (seed 0: the fixed list)\n",
+        f"{REFERENCES[name].label}, calibration draws {', '.join(map(str, seeds))} (seed 0: the fixed list; "
+        "a row's mean and gaps are over the draws it was measured with)\n",
         "| row | " + " | ".join(f"draw {seed}" for seed in seeds) + " | mean | − float | − fixed twin |",
         "|---|" + "---:|" * (len(seeds) + 3),
     ]
-    float_correct = _correct(draws, "float")
     for label, _, _ in ROWS:
-        correct = _correct(draws, label)
-        if correct is None:
+        measured = _measured_in(draws, label)
+        if len(measured) < 2:
             continue
-        twin = _correct(draws, FIXED_TWIN[label]) if label in FIXED_TWIN else None
-        cells = [f"{draws[seed][label]['top1']:.2f}" for seed in seeds] + [f"{100 * correct.mean():.2f}"]
+        correct = _correct(draws, label, measured)
+        float_correct = _correct(draws, "float", measured)
+        twin = _correct(draws, FIXED_TWIN[label], measured) if label in FIXED_TWIN else None
+        cells = [f"{draws[seed][label]['top1']:.2f}" if seed in measured else "–" for seed in seeds]
+        cells.append(f"{100 * correct.mean():.2f}")
         cells.append(_gap_cell(mean_gap(correct, float_correct) if float_correct is not None else None))
         cells.append(_gap_cell(mean_gap(correct, twin) if twin is not None else None))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
