@@ -186,8 +186,9 @@ class WeightQuantizer(UniformQuantizer):
         """Quantize ``weight`` to ``rounded`` (values on this grid, e.g. GPTQ's) from now on."""
         levels = quantize_uniform(rounded, self.scale, self.zero_point, self.bits)
         offset = levels - quantize_uniform(weight, self.scale, self.zero_point, self.bits)
-        if offset.abs().max() > torch.iinfo(self.rounding_offset.dtype).max:
-            raise ValueError(f"quantizer '{self.name}': a rounding moves a weight by more than 127 levels")
+        most = torch.iinfo(self.rounding_offset.dtype).max
+        if offset.abs().max() > most:
+            raise ValueError(f"quantizer '{self.name}': a rounding moves a weight by more than {most} levels")
         self.rounding_offset.copy_(offset)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
     architecture = ModelSpec.from_json_dict({**payload["model"], "checkpoint": None, "pretrained": False})
     model = convert(prepare(build_model(architecture), config))
     state = load_file(str(run_dir / MODEL_FILE))
-    missing = sorted(model.state_dict().keys() - state.keys())
-    unexpected = sorted(state.keys() - model.state_dict().keys())
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:  # e.g. a run written by an lrpq whose layers held other tensors
         which = f"lacks {missing[0]!r}" if missing else f"has an unknown {unexpected[0]!r}"
         raise RunError(f"{run_dir / MODEL_FILE} {which}: it was not written by this lrpq; quantize the model again")
