@@ -35,6 +35,7 @@ from lrpq.reparam import (
     head_rotation,
     layerwise_fold_factors,
     rotate_heads,
+    rotate_sink_input,
     shift_keys,
 )
 from lrpq.sensitivity import output_gradient_runner
@@ -59,9 +60,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             sink = model.get_submodule(region.sink)
             ensure_bias(sink)
             sink.input_owned = True  # a region's norm output feeds only its sink
-    if config.post_gelu_reparam:
+    if config.post_gelu_reparam or config.rotate_hidden:
         for sink in find_activation_sinks(model):
-            model.get_submodule(sink).add_input_reparam()
+            model.get_submodule(sink).add_input_reparam(rotate=config.rotate_hidden)
     if config.center_keys:
         for attention in shiftable_attentions(model).values():
             ensure_bias(attention.qkv)
@@ -208,7 +209,15 @@ def _reparameterize(
     qkvs = {name: attention.qkv for name, attention in attentions.items()}
     key_ranges = {name: ChannelRange(f"{name}.qkv output") for name in attentions}
     observers = channel_observers(sinks, bits, config.percentiles)
-    with observe_inputs(sinks, observers), observe_outputs(qkvs, key_ranges):
+    region_sinks = {region.sink: sinks[region.sink] for region in regions}
+    rotations = {name: sinks[name].input_reparam.rotation for name in activation_sinks}
+    rotated = {name: rotation for name, rotation in rotations.items() if rotation is not None}
+    unrotated = {name: sinks[name] for name, rotation in rotations.items() if rotation is None}
+    with (
+        observe_inputs(region_sinks | unrotated, observers),
+        observe_outputs(rotated, observers),  # a rotated sink input is folded as rotated
+        observe_outputs(qkvs, key_ranges),
+    ):
         _run(model, calib, batch_size, run, "channel stats", progress)
 
     def factors(sink: str) -> FoldFactors:
@@ -267,6 +276,10 @@ def quantize(
     prepare(model, config)
     if config.rotate_heads:  # data-free and exact: before anything observes q, k, v or proj's input
         rotate_attention_heads(rotatable_attentions(model))
+    if config.rotate_hidden:  # data-free and exact: the fold below takes its statistics after it
+        for sink in find_activation_sinks(model):
+            layer = model.get_submodule(sink)
+            rotate_sink_input(layer.input_reparam, layer)
     regions = find_regions(model) if config.crl else []
     activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
     attentions = shiftable_attentions(model) if config.center_keys else {}

@@ -115,6 +115,7 @@ def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> Quant
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
         rotate_heads=not args.no_head_rotation,
+        rotate_hidden=not args.no_hidden_rotation,
         gptq=not args.no_gptq,
         bias_correction=args.bias_correction,
         range_metric=args.range_metric,
@@ -180,6 +181,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "post_gelu_reparam": config.post_gelu_reparam,
         "center_keys": config.center_keys,
         "rotate_heads": config.rotate_heads,
+        "rotate_hidden": config.rotate_hidden,
         "clip_k": config.clip_k,
         "gptq": config.gptq,
         "bias_correction": config.bias_correction,
@@ -333,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-head-rotation",
         action="store_true",
         help="leave attention heads unrotated (no Hadamard rotation of q, k and v through qkv and proj)",
+    )
+    q.add_argument(
+        "--no-hidden-rotation",
+        action="store_true",
+        help="leave fc2 inputs unrotated (no online Hadamard rotation of the post-GELU activation)",
     )
     q.add_argument(
         "--no-gptq", action="store_true", help="round weights to the nearest level (RepQ-ViT) instead of by GPTQ"

@@ -108,7 +108,10 @@ class QuantConfig:
     operand range is not spent on channel offsets. ``rotate_heads`` rotates every attention head's
     queries and keys together, and its values (undone in ``proj``), by a Hadamard matrix: exact in
     float, and it spreads outlier channels over the head before the per-tensor q·kᵀ, attn·v and
-    proj-input quantizers see them (``lrpq.reparam``). ``gptq`` rounds every Linear's weights on their
+    proj-input quantizers see them (``lrpq.reparam``). ``rotate_hidden`` rotates every fc2 input
+    (the post-GELU activation) online by a Kronecker-factored Hadamard matrix before its channel fold,
+    undone in fc2's weights: exact in float, and a heavy-tailed hidden vector becomes one that a
+    per-tensor grid covers with less error (``lrpq.reparam``). ``gptq`` rounds every Linear's weights on their
     grid by GPTQ (``lrpq.gptq``) instead of to the nearest level (RepQ-ViT's rounding). It is on by
     default: the folds move channel factors into the sinks' weight columns, and GPTQ spends the
     rounding error where the inputs are small; it raised the logit SNR of the W4A4 and W6A6 models of
@@ -128,6 +131,7 @@ class QuantConfig:
     post_gelu_reparam: bool = True
     center_keys: bool = True
     rotate_heads: bool = True
+    rotate_hidden: bool = True
     gptq: bool = True
     bias_correction: bool = False
     clip_k: float | None = None
@@ -149,6 +153,7 @@ class QuantConfig:
             post_gelu_reparam=False,
             center_keys=False,
             rotate_heads=False,
+            rotate_hidden=False,
             percentiles=(1.0,),
             conv_abits=None,
             per_channel_weights=False,

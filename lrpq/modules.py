@@ -84,10 +84,10 @@ class QuantLinear(nn.Linear):
         self.input_owned = False
         self._weight_cache = _WeightCache()
 
-    def add_input_reparam(self) -> InputReparam:
-        """Give this layer an identity ``InputReparam`` (and a bias) for a channel fold to fill in."""
+    def add_input_reparam(self, *, rotate: bool = False) -> InputReparam:
+        """Give this layer an identity ``InputReparam`` (and a bias) for a channel fold (and rotation) to fill in."""
         ensure_bias(self)
-        self.input_reparam = InputReparam(self.in_features).to(self.weight.device)
+        self.input_reparam = InputReparam(self.in_features, rotate=rotate).to(self.weight.device)
         return self.input_reparam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from results_table import FIXED_TWIN, REFERENCES, REPO, ROWS, unpack_row
+from results_table import FIXED_TWIN, REFERENCES, REPO, ROW_SETTINGS, ROWS, unpack_row
 
+from lrpq.config import QuantConfig
 from lrpq.evaluate import Z_95
 
 FIXED_LIST_SEED = 0  # calib/*_seed0_n32.txt: draw_calibration_set(calib folder, 32, seed=0)
@@ -41,15 +42,35 @@ def load_draws(name: str, results: Path, runs: Path) -> dict[int, dict]:
     return draws
 
 
+def _is_current(row: dict, label: str) -> bool:
+    """Whether a stored row was measured with its label's current config and allocator (any draw).
+
+    Rows kept from before a default changed (e.g. ``rotate_hidden``) measure another method, and
+    averaging them with current ones would mix the two.
+    """
+    config, allocator = ROW_SETTINGS[label]
+    stored = row.get("setting", {})
+    if stored.get("allocator") != allocator or (stored.get("config") is None) != (config is None):
+        return False
+    return config is None or QuantConfig.from_json_dict(stored["config"]) == config
+
+
 def _measured_in(draws: dict[int, dict], label: str) -> list[int]:
-    """The draws that hold a row with its per-image correctness."""
-    return [seed for seed in sorted(draws) if "correct" in draws[seed].get(label, {})]
+    """The draws that hold a row with its per-image correctness, measured with the row's current setting."""
+    return [
+        seed
+        for seed in sorted(draws)
+        if "correct" in draws[seed].get(label, {}) and _is_current(draws[seed][label], label)
+    ]
 
 
 def _correct(draws: dict[int, dict], label: str, seeds: list[int]) -> np.ndarray | None:
-    """(draws, images) per-image correctness of a row on ``seeds``, or None if one of them lacks it."""
+    """(draws, images) per-image correctness of a row on ``seeds``, or None if one of them lacks it
+    or was measured with another setting than the row's current one."""
     rows = [draws[seed].get(label) for seed in seeds]
-    if any(row is None or "correct" not in row for row in rows) or len({row["n"] for row in rows}) != 1:
+    if any(row is None or "correct" not in row or not _is_current(row, label) for row in rows):
+        return None
+    if len({row["n"] for row in rows}) != 1:
         return None
     return np.array([unpack_row(row).correct for row in rows], dtype=float)
 

@@ -71,15 +71,17 @@ REFERENCES = {
 # uses the paper rule, "mixed, exact allocator" the budgeted solver, both from relevance; "mixed, measured"
 # the sensitivity allocator (each layer's logit noise measured at every width). "LN reparam" is
 # RepQ-ViT's post-LayerNorm reparameterization alone; "reparam" adds the same channel fold for the
-# post-GELU input of fc2, the key centring of q·kᵀ and the head rotation (lrpq's defaults); "keys not
-# centred" leaves the keys as they are, "heads not rotated" leaves q, k and v unrotated; "CRL k=2"
+# post-GELU input of fc2, the key centring of q·kᵀ, the head rotation and the online rotation of fc2's
+# input (lrpq's defaults); "keys not centred" leaves the keys as they are, "heads not rotated" leaves
+# q, k and v unrotated, "hidden not rotated" leaves fc2's input unrotated; "CRL k=2"
 # clips the channel scales of both folds to mean ± 2·std. Weights are rounded by GPTQ (the default)
 # unless the row says "nearest rounding" (``gptq=False``, RepQ-ViT's rounding). "bias corr." sets every
 # layer's quantized output mean back to its float mean, layer after layer (opt-in); "output ranges"
 # compares activation ranges by the first-order error they cause at the logits (range_metric="output",
 # opt-in).
-NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
-REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, "rotate_heads": False}
+UNROTATED = {"rotate_heads": False, "rotate_hidden": False}
+NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, **UNROTATED}
+REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, **UNROTATED}
 NEAREST = {"gptq": False}
 BC = {"bias_correction": True}
 OUTPUT = {"range_metric": "output"}
@@ -107,11 +109,13 @@ ROWS: list[Row] = [
     ("W6A6 LN reparam", QuantConfig(6, 6, **REPQ_VIT), None),
     ("W6A6 reparam, keys not centred", QuantConfig(6, 6, center_keys=False), None),
     ("W6A6 reparam, heads not rotated", QuantConfig(6, 6, rotate_heads=False), None),
+    ("W6A6 reparam, hidden not rotated", QuantConfig(6, 6, rotate_hidden=False), None),
     *_with_mixed("W6A6 reparam", QuantConfig(6, 6), ALL),
     ("W4A4 no reparam", QuantConfig(4, 4, **NO_REPARAM), None),
     ("W4A4 LN reparam", QuantConfig(4, 4, **REPQ_VIT), None),
     ("W4A4 reparam, keys not centred", QuantConfig(4, 4, center_keys=False), None),
     ("W4A4 reparam, heads not rotated", QuantConfig(4, 4, rotate_heads=False), None),
+    ("W4A4 reparam, hidden not rotated", QuantConfig(4, 4, rotate_hidden=False), None),
     ("W4A4 reparam + CRL k=2", QuantConfig(4, 4, clip_k=2.0), None),
     *_with_mixed("W4A4 reparam", QuantConfig(4, 4), ALL),
     ("W6A6 reparam + bias corr.", QuantConfig(6, 6, **BC), None),
@@ -136,15 +140,17 @@ ROWS: list[Row] = [
     ("W6A6 reparam, nearest rounding + output ranges", QuantConfig(6, 6, **NEAREST, **OUTPUT), None),
 ]
 
+ROW_SETTINGS = {label: (config, allocator) for label, config, allocator in ROWS}
+
 
 def _same_setting(stored: dict | None, wanted: dict) -> bool:
     """Whether a stored row was measured as ``wanted`` asks, reading its config through QuantConfig.
 
     A config field added after a row was stored is absent from it and takes its default, which is
     right as long as new fields default to the behaviour that existed before them. ``rotate_heads`` did
-    not, nor did ``gptq`` once it became the default: the rows stored before each were rewritten to say
-    ``false``, and relabelled ("nearest rounding") where the label had meant the default; the mixed
-    rows stored before the setting named the allocator were rewritten to say ``paper``.
+    not, nor did ``gptq`` once it became the default, nor ``rotate_hidden``: the rows stored before each
+    were rewritten to say ``false``, and relabelled ("nearest rounding") where the label had meant the
+    default; the mixed rows stored before the setting named the allocator were rewritten to say ``paper``.
     """
     if stored is None or {k: v for k, v in stored.items() if k != "config"} != {
         k: v for k, v in wanted.items() if k != "config"
@@ -274,26 +280,42 @@ def _gap_cell(model: dict | None, reference: dict | None) -> str:
     return f"{gap.difference:+.2f} ({low:+.2f} … {high:+.2f})"
 
 
-def paired_markdown(results: dict[str, dict]) -> str:
+def _is_current(results: dict[str, dict], name: str, label: str, relevance_images: int, calib_seed: int | None) -> bool:
+    """Whether model ``name``'s stored row ``label`` was measured with the row's current setting."""
+    config, allocator = ROW_SETTINGS[label]
+    limit = results[name]["float"]["setting"]["limit"]
+    wanted = _row_setting(config, allocator, limit, relevance_images, calib_seed)
+    return _same_setting(results[name][label].get("setting"), wanted)
+
+
+def paired_markdown(results: dict[str, dict], relevance_images: int, calib_seed: int | None = None) -> str:
     """Each mixed row against its fixed-bit twin and against float, image by image on the same images.
 
     Top-1 alone cannot say whether a 0.5-point difference on 600 images (3 images) is real; the paired
-    interval can, since only the images where exactly one of the two models is right move it.
+    interval can, since only the images where exactly one of the two models is right move it. A pair
+    kept from an earlier setting of its rows is marked † as in the top-1 table.
     """
     names = [name for name in REFERENCES if name in results]
     header = "| mixed row | " + " | ".join(f"{name}: − fixed | {name}: − float" for name in names) + " |"
     lines = [header, "|---|" + "---:|---:|" * len(names)]
+    stale = False
     for label, twin in FIXED_TWIN.items():
         cells = []
         for name in names:
             rows = results[name]
-            cells += [_gap_cell(rows.get(label), rows.get(twin)), _gap_cell(rows.get(label), rows.get("float"))]
+            model = rows.get(label)
+            cells += [_gap_cell(model, rows.get(twin)), _gap_cell(model, rows.get("float"))]
+            if model is not None and cells[-2:] != ["–", "–"]:
+                old = not all(_is_current(results, name, row, relevance_images, calib_seed) for row in (label, twin))
+                stale |= old
+                cells[-2:] = [cell + (" †" if old and cell != "–" else "") for cell in cells[-2:]]
         if any(cell != "–" for cell in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    note = " † measured with an earlier setting of its rows, not re-run since." if stale else ""
     return "\n".join(lines) + (
         "\n\nTop-1 difference in points, mixed row minus its fixed-bit twin (same config and mean bits) and minus "
         "float, with the paired 95% interval (normal approximation over the images where exactly one of the two "
-        "is right). Rows stored without per-image results show –.\n"
+        f"is right). Rows stored without per-image results show –.{note}\n"
     )
 
 
@@ -304,16 +326,14 @@ def markdown(results: dict[str, dict], relevance_images: int, calib_seed: int | 
     header = "| configuration | " + " | ".join(REFERENCES[name].label for name in names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     stale = False
-    for label, config, allocator in ROWS:
+    for label, _, _ in ROWS:
         cells = []
         for name in names:
             row = results[name].get(label)
             if row is None:
                 cells.append("–")
                 continue
-            limit = results[name]["float"]["setting"]["limit"]
-            wanted = _row_setting(config, allocator, limit, relevance_images, calib_seed)
-            current = _same_setting(row.get("setting"), wanted)
+            current = _is_current(results, name, label, relevance_images, calib_seed)
             stale |= not current
             cells.append(f"{row['top1']:.2f}" + ("" if current else " †"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -360,7 +380,8 @@ def main() -> None:
             path.write_text(json.dumps(rows, indent=2) + "\n")
     stored = {path.stem: json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))}
     results = {name: rows for name, rows in stored.items() if name in REFERENCES}
-    table = markdown(results, args.relevance_images, args.calib_seed) + "\n" + paired_markdown(results)
+    table = markdown(results, args.relevance_images, args.calib_seed)
+    table += "\n" + paired_markdown(results, args.relevance_images, args.calib_seed)
     (args.out / "results.md").write_text(table)
     print(table)
 

@@ -31,6 +31,7 @@ PLAN = BitPlan(
             crl=False,
             center_keys=False,
             rotate_heads=False,
+            rotate_hidden=False,
             clip_k=0.75,
             per_channel_weights=False,
             log_softmax=False,

@@ -91,6 +91,8 @@ def test_quantize_with_gptq_lowers_the_logit_error_at_w4() -> None:
             return (model(held_out) - float_model(held_out)).square().sum().item()
 
     # Measured 0.011 against 0.044. (At 3 bits this random model's layers still each gain, but their
-    # errors compound worse end to end; GPTQ optimises each layer's output, not the model's.)
-    nearest = logit_error(QuantConfig(wbits=4, abits=8, gptq=False))
-    assert logit_error(QuantConfig(wbits=4, abits=8)) < 0.5 * nearest  # GPTQ is the default
+    # errors compound worse end to end; GPTQ optimises each layer's output, not the model's.) fc2's
+    # inputs are left unrotated: on this random model the rotation alone takes nearest rounding to
+    # 0.018, which GPTQ then matches, so with it the comparison would no longer be about the rounding.
+    nearest = logit_error(QuantConfig(wbits=4, abits=8, gptq=False, rotate_hidden=False))
+    assert logit_error(QuantConfig(wbits=4, abits=8, rotate_hidden=False)) < 0.5 * nearest

@@ -31,8 +31,10 @@ from lrpq.reparam import (
     head_rotation,
     layerwise_fold_factors,
     rotate_heads,
+    rotate_sink_input,
     shift_keys,
 )
+from lrpq.rotation import hadamard_factors
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -145,6 +147,32 @@ def test_folding_into_the_sink_input_preserves_linear_of_gelu(clip_k: float | No
     with torch.no_grad():
         assert relative_error(linear(reparam(hidden)), expected) < 1e-5
         torch.testing.assert_close(reparam(hidden), hidden / factors.r - factors.b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clip_k", [None, 2.0])
+def test_rotating_then_folding_the_sink_input_preserves_linear_of_gelu(clip_k: float | None) -> None:
+    torch.manual_seed(4)
+    linear = nn.Linear(96, 10)
+    hidden = nn.functional.gelu(torch.randn(7, 5, 96) * torch.linspace(0.1, 6, 96))
+    reparam = InputReparam(96, rotate=True)
+    with torch.no_grad():
+        expected = linear(hidden)
+        assert torch.equal(reparam(hidden), hidden)  # identity until the rotation and fold are filled in
+    rotate_sink_input(reparam, linear)
+    rotated = (hidden.double() @ torch.kron(*hadamard_factors(96))).float()
+    with torch.no_grad():
+        torch.testing.assert_close(reparam.rotate(hidden), rotated, rtol=0, atol=1e-5)
+        assert relative_error(linear(reparam(hidden)), expected) < 1e-5
+    factors = random_fold_factors(96, clip_k, seed=5)
+    fold_into_sink(reparam, linear, factors)
+    with torch.no_grad():
+        assert relative_error(linear(reparam(hidden)), expected) < 1e-5
+        torch.testing.assert_close(reparam(hidden), rotated / factors.r - factors.b, rtol=1e-5, atol=1e-5)
+
+
+def test_rotating_a_sink_input_needs_a_reparam_built_with_a_rotation() -> None:
+    with pytest.raises(ValueError, match="rotate=True"):
+        rotate_sink_input(InputReparam(96), nn.Linear(96, 10))
 
 
 @pytest.mark.parametrize("family", ["vit", "deit_distilled", "swin"])
@@ -316,9 +344,9 @@ def test_quantize_with_crl_then_off_is_the_float_model(make_model, family: str, 
     norm_name = "blocks.0.norm1" if family == "vit" else "layers.0.blocks.0.norm2"
     assert not torch.equal(model.get_submodule(norm_name).weight, float_model.get_submodule(norm_name).weight)
     fc2_name = "blocks.0.mlp.fc2" if family == "vit" else "layers.0.blocks.0.mlp.fc2"
-    assert not torch.equal(
-        model.get_submodule(fc2_name).input_reparam.r, torch.ones_like(model.get_submodule(fc2_name).input_reparam.r)
-    )
+    fc2_reparam = model.get_submodule(fc2_name).input_reparam
+    assert not torch.equal(fc2_reparam.r, torch.ones_like(fc2_reparam.r))
+    assert not torch.equal(fc2_reparam.rotation.right, torch.eye(fc2_reparam.rotation.right.shape[0]))
     set_mode(model, QuantMode.OFF)
     with torch.no_grad():
         assert relative_error(model(check), float_model(check)) < 1e-5

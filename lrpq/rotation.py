@@ -1,0 +1,114 @@
+"""Orthogonal mixing matrices, and a Kronecker-factored rotation cheap enough to apply online.
+
+A Hadamard matrix ``H`` of order ``n`` (entries ±1, ``H·Hᵀ = n·I``) over ``√n`` is the rotation
+that spreads one outlier channel over all channels with equal weight. Sylvester's construction
+gives the powers of two; Paley's first construction gives ``q + 1`` for a prime ``q ≡ 3 (mod 4)``
+(12, 20, 24, 44, …), and ``H_a ⊗ H_b`` is a Hadamard matrix of order ``a·b``. Transformer hidden
+widths are ``2^k`` or ``12·2^k`` (1536, 3072, 768), so ``H_12 ⊗ H_{2^k}`` covers them; a width
+with no such factorisation gets a seeded random orthogonal factor for its odd part.
+
+Applied as two factors, ``x·(A ⊗ B)`` costs ``(a + b)`` multiply-adds per channel instead of
+``a·b``: for a 1536-wide input, 140 instead of 1536, about a third of fc2's own 384 per input
+channel in ViT-S (a fast Walsh–Hadamard transform of the ``B`` factor would cost ``log2 b`` adds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# A rotation must be the same for the same size wherever it is built (quantize, load_run, tests).
+ROTATION_SEED = 0
+
+
+def sylvester_hadamard(order: int) -> torch.Tensor:
+    """The ±1 Hadamard matrix of a power-of-two ``order`` (float64, unnormalised)."""
+    if order < 1 or order & (order - 1):
+        raise ValueError(f"order={order} must be a power of two")
+    hadamard = torch.ones(1, 1, dtype=torch.float64)
+    while hadamard.shape[0] < order:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    return hadamard
+
+
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def paley_hadamard(q: int) -> torch.Tensor:
+    """The ±1 Hadamard matrix of order ``q + 1`` for a prime ``q ≡ 3 (mod 4)`` (Paley I; float64).
+
+    With ``χ`` the quadratic character mod ``q`` and ``Q[i, j] = χ(j − i)`` (skew, since −1 is a
+    non-residue), ``H = I + [[0, 1ᵀ], [−1, Q]]``.
+    """
+    if not (_is_prime(q) and q % 4 == 3):
+        raise ValueError(f"q={q} must be a prime congruent to 3 mod 4")
+    residues = {(i * i) % q for i in range(1, q)}
+    character = torch.tensor([0.0] + [1.0 if a in residues else -1.0 for a in range(1, q)], dtype=torch.float64)
+    index = torch.arange(q)
+    skew = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    skew[0, 1:] = 1.0
+    skew[1:, 0] = -1.0
+    skew[1:, 1:] = character[(index[None, :] - index[:, None]) % q]
+    return torch.eye(q + 1, dtype=torch.float64) + skew
+
+
+def seeded_orthogonal(order: int) -> torch.Tensor:
+    """A random orthogonal matrix drawn from a fixed seed, QR signs fixed so it is unique (float64)."""
+    generator = torch.Generator().manual_seed(ROTATION_SEED)
+    q, r = torch.linalg.qr(torch.randn(order, order, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).contiguous()
+
+
+def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal ``(A, B)`` with ``A ⊗ B`` of order ``channels``, Hadamard wherever one is known (float64).
+
+    ``B`` is Sylvester's matrix of the largest power of two left once ``A`` takes the smallest Paley
+    order ``q + 1 = m·2^j`` (``m`` the odd part of ``channels``); a power of two has ``A = [1]``, and
+    a width with no Paley order falls back to a seeded orthogonal ``A`` of order ``m``.
+    """
+    if channels < 1:
+        raise ValueError(f"channels={channels} must be a positive integer")
+    odd = channels
+    while odd % 2 == 0:
+        odd //= 2
+    left = torch.ones(1, 1, dtype=torch.float64) if odd == 1 else None
+    power = channels // odd
+    while left is None and power > 1:
+        power //= 2
+        order = channels // power
+        if _is_prime(order - 1) and (order - 1) % 4 == 3:
+            left = paley_hadamard(order - 1) / math.sqrt(order)
+    if left is None:
+        left, power = seeded_orthogonal(odd), channels // odd
+    return left, sylvester_hadamard(power) / math.sqrt(power)
+
+
+class KroneckerRotation(nn.Module):
+    """``x ↦ x·(A ⊗ B)`` over the last dimension, computed as ``Aᵀ·X·B`` on ``X = x`` viewed ``(a, b)``.
+
+    Starts as the identity, so a prepared model is unchanged until ``set_factors``; a saved run loads
+    the factors back as buffers.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        left, right = hadamard_factors(channels)
+        self.register_buffer("left", torch.eye(left.shape[0]))
+        self.register_buffer("right", torch.eye(right.shape[0]))
+
+    @torch.no_grad()
+    def set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        if left.shape != self.left.shape or right.shape != self.right.shape:
+            raise ValueError(
+                f"factors of shape {tuple(left.shape)} ⊗ {tuple(right.shape)} do not match "
+                f"{tuple(self.left.shape)} ⊗ {tuple(self.right.shape)}"
+            )
+        self.left.copy_(left)
+        self.right.copy_(right)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.unflatten(-1, (self.left.shape[0], self.right.shape[0]))
+        return torch.matmul(self.left.T.to(x.dtype), blocks @ self.right.to(x.dtype)).flatten(-2)

@@ -1,0 +1,79 @@
+"""Hadamard constructions, their Kronecker factors, and the online rotation built from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrpq.rotation import KroneckerRotation, hadamard_factors, paley_hadamard, seeded_orthogonal, sylvester_hadamard
+
+
+def assert_hadamard(matrix: torch.Tensor) -> None:
+    order = matrix.shape[0]
+    assert set(matrix.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(matrix @ matrix.T, order * torch.eye(order, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2, 4, 64])
+def test_sylvester_hadamard_is_hadamard(order: int) -> None:
+    matrix = sylvester_hadamard(order)
+    assert matrix.shape == (order, order)
+    if order > 1:
+        assert_hadamard(matrix)
+
+
+@pytest.mark.parametrize("order", [0, 3, 12])
+def test_sylvester_hadamard_refuses_orders_that_are_not_powers_of_two(order: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        sylvester_hadamard(order)
+
+
+@pytest.mark.parametrize("q", [3, 7, 11, 19, 23, 43])
+def test_paley_hadamard_is_hadamard_of_order_q_plus_one(q: int) -> None:
+    matrix = paley_hadamard(q)
+    assert matrix.shape == (q + 1, q + 1)
+    assert_hadamard(matrix)
+
+
+@pytest.mark.parametrize("q", [5, 9, 13, 15])
+def test_paley_hadamard_refuses_other_q(q: int) -> None:
+    with pytest.raises(ValueError, match="prime congruent to 3 mod 4"):
+        paley_hadamard(q)
+
+
+@pytest.mark.parametrize(
+    ("channels", "left_order"),
+    [(64, 1), (192, 12), (768, 12), (1536, 12), (3072, 12), (160, 20), (96, 12), (24, 12)],
+)
+def test_hadamard_factors_of_transformer_widths_are_a_scaled_hadamard_matrix(channels: int, left_order: int) -> None:
+    left, right = hadamard_factors(channels)
+    assert left.shape == (left_order, left_order) and right.shape == (channels // left_order,) * 2
+    full = torch.kron(left, right)
+    torch.testing.assert_close(full @ full.T, torch.eye(channels, dtype=torch.float64), rtol=0, atol=1e-12)
+    # Every entry ±1/√n: one channel spreads over all others with equal weight.
+    torch.testing.assert_close(full.abs(), torch.full_like(full, channels**-0.5), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(("channels", "odd"), [(112, 7), (9, 9), (13 * 4, 13)])
+def test_hadamard_factors_fall_back_to_a_seeded_orthogonal_odd_part(channels: int, odd: int) -> None:
+    left, right = hadamard_factors(channels)
+    assert torch.equal(left, seeded_orthogonal(odd)) and right.shape == (channels // odd,) * 2
+    full = torch.kron(left, right)
+    torch.testing.assert_close(full @ full.T, torch.eye(channels, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_kronecker_rotation_starts_as_identity_and_then_multiplies_by_the_kronecker_product() -> None:
+    rotation = KroneckerRotation(96)
+    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rotation(x), x, rtol=0, atol=0)
+    left, right = hadamard_factors(96)
+    rotation.set_factors(left, right)
+    expected = (x.double() @ torch.kron(left, right)).float()
+    torch.testing.assert_close(rotation(x), expected, rtol=0, atol=1e-5)
+    assert set(rotation.state_dict()) == {"left", "right"}
+
+
+def test_kronecker_rotation_refuses_factors_of_another_shape() -> None:
+    rotation = KroneckerRotation(96)
+    with pytest.raises(ValueError, match=r"do not match \(12, 12\) ⊗ \(8, 8\)"):
+        rotation.set_factors(torch.eye(8), torch.eye(12))
