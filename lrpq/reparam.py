@@ -49,7 +49,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lrpq.rotation import KroneckerRotation, hadamard_factors, seeded_orthogonal, sylvester_hadamard
+from lrpq.rotation import (
+    KroneckerRotation,
+    hadamard_factors,
+    kronecker_rotate,
+    seeded_orthogonal,
+    sylvester_hadamard,
+)
 
 
 def clip_to_mean_std(values: torch.Tensor, k: float | None) -> torch.Tensor:
@@ -126,8 +132,7 @@ def rotate_sink_input(reparam: InputReparam, sink: nn.Linear) -> None:
         raise ValueError("this InputReparam was built without a rotation (rotate=True)")
     left, right = hadamard_factors(sink.in_features)
     reparam.rotation.set_factors(left, right)
-    rows = sink.weight.double().unflatten(-1, (left.shape[0], right.shape[0]))
-    sink.weight.copy_(torch.matmul(left.T, rows @ right).flatten(-2))
+    sink.weight.copy_(kronecker_rotate(sink.weight.double(), left, right))  # each row w ↦ w·(A ⊗ B)
 
 
 @torch.no_grad()

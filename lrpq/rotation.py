@@ -86,8 +86,15 @@ def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return left, sylvester_hadamard(power) / math.sqrt(power)
 
 
+def kronecker_rotate(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x·(A ⊗ B)`` over the last dimension, as ``Aᵀ·X·B`` on ``X = x`` viewed ``(a, b)``: ``(a + b)``
+    multiply-adds per channel instead of ``a·b``, and the dense product is never built."""
+    blocks = x.unflatten(-1, (left.shape[0], right.shape[0]))
+    return torch.matmul(left.T, blocks @ right).flatten(-2)
+
+
 class KroneckerRotation(nn.Module):
-    """``x ↦ x·(A ⊗ B)`` over the last dimension, computed as ``Aᵀ·X·B`` on ``X = x`` viewed ``(a, b)``.
+    """``x ↦ x·(A ⊗ B)`` over the last dimension (``kronecker_rotate``), with ``A`` and ``B`` as buffers.
 
     Starts as the identity, so a prepared model is unchanged until ``set_factors``; a saved run loads
     the factors back as buffers.
@@ -110,5 +117,4 @@ class KroneckerRotation(nn.Module):
         self.right.copy_(right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = x.unflatten(-1, (self.left.shape[0], self.right.shape[0]))
-        return torch.matmul(self.left.T.to(x.dtype), blocks @ self.right.to(x.dtype)).flatten(-2)
+        return kronecker_rotate(x, self.left.to(x.dtype), self.right.to(x.dtype))

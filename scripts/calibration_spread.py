@@ -22,9 +22,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from results_table import FIXED_TWIN, REFERENCES, REPO, ROW_SETTINGS, ROWS, unpack_row
+from results_table import FIXED_TWIN, REFERENCES, REPO, ROWS, is_current, unpack_row
 
-from lrpq.config import QuantConfig
 from lrpq.evaluate import Z_95
 
 FIXED_LIST_SEED = 0  # calib/*_seed0_n32.txt: draw_calibration_set(calib folder, 32, seed=0)
@@ -43,16 +42,13 @@ def load_draws(name: str, results: Path, runs: Path) -> dict[int, dict]:
 
 
 def _is_current(row: dict, label: str) -> bool:
-    """Whether a stored row was measured with its label's current config and allocator (any draw).
+    """Whether a stored row was measured with its label's current setting, on its own draw and images.
 
     Rows kept from before a default changed (e.g. ``rotate_hidden``) measure another method, and
     averaging them with current ones would mix the two.
     """
-    config, allocator = ROW_SETTINGS[label]
-    stored = row.get("setting", {})
-    if stored.get("allocator") != allocator or (stored.get("config") is None) != (config is None):
-        return False
-    return config is None or QuantConfig.from_json_dict(stored["config"]) == config
+    stored = row.get("setting") or {}
+    return is_current(row, label, stored.get("limit"), stored.get("relevance_images"), stored.get("calib_seed"))
 
 
 def _measured_in(draws: dict[int, dict], label: str) -> list[int]:

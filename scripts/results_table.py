@@ -280,12 +280,17 @@ def _gap_cell(model: dict | None, reference: dict | None) -> str:
     return f"{gap.difference:+.2f} ({low:+.2f} … {high:+.2f})"
 
 
+def is_current(row: dict, label: str, limit: int | None, relevance_images: int | None, calib_seed: int | None) -> bool:
+    """Whether a stored row ``label`` was measured with the row's current setting on these images."""
+    config, allocator = ROW_SETTINGS[label]
+    wanted = _row_setting(config, allocator, limit, relevance_images, calib_seed)
+    return _same_setting(row.get("setting"), wanted)
+
+
 def _is_current(results: dict[str, dict], name: str, label: str, relevance_images: int, calib_seed: int | None) -> bool:
     """Whether model ``name``'s stored row ``label`` was measured with the row's current setting."""
-    config, allocator = ROW_SETTINGS[label]
     limit = results[name]["float"]["setting"]["limit"]
-    wanted = _row_setting(config, allocator, limit, relevance_images, calib_seed)
-    return _same_setting(results[name][label].get("setting"), wanted)
+    return is_current(results[name][label], label, limit, relevance_images, calib_seed)
 
 
 def paired_markdown(results: dict[str, dict], relevance_images: int, calib_seed: int | None = None) -> str:
