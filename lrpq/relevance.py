@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import kendalltau
 from timm.layers import LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
 from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool, SelectAdaptivePool2d
 from timm.layers.attention import Attention
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 
 from lrpq.allocate import relative_importance
 from lrpq.errors import LrpqError
+from lrpq.ranking import kendall_tau
 
 # Stabiliser of every relevance ratio, as in Chefer et al.'s safe_divide.
 EPSILON = 1e-9
@@ -715,11 +715,6 @@ class Contributions:
         return LayerScores(scores, dict(self.block_of), block_order, int(self.values.shape[0]))
 
 
-def _tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's τ between two score vectors (NaN when either is constant)."""
-    return float(kendalltau(a, b).statistic)
-
-
 def _batches(images: Tensor | Iterable[Any]) -> Iterator[Tensor]:
     if isinstance(images, Tensor):
         images = [images]
@@ -754,7 +749,7 @@ def collect_contributions(
             if stop_tau is None or len(rows) < next_check:
                 continue
             current = np.mean(rows, 0)
-            if previous is not None and _tau(previous, current) >= stop_tau:
+            if previous is not None and kendall_tau(previous, current) >= stop_tau:
                 break
             previous, next_check = current, len(rows) + check_every
     if not rows:
@@ -786,5 +781,5 @@ def ranking_stability(
     for n in checkpoints:
         if not 1 <= n <= values.shape[0]:
             raise RelevanceError(f"checkpoint {n} is outside 1..{values.shape[0]} images")
-        result.append((n, _tau(values[:n].mean(0), full)))
+        result.append((n, kendall_tau(values[:n].mean(0), full)))
     return result

@@ -21,8 +21,8 @@ import safetensors.torch
 import timm
 import torch
 from PIL import Image
-from scipy.stats import kendalltau
 
+from lrpq.ranking import kendall_tau
 from lrpq.relevance import Contributions, collect_contributions, ranking_stability
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -57,7 +57,7 @@ def relative_stability(contributions: Contributions, checkpoints: Sequence[int])
         return np.array([values[name] for name in names])
 
     full = relative(len(contributions.values))
-    return [float(kendalltau(relative(n), full).statistic) for n in checkpoints]
+    return [kendall_tau(relative(n), full) for n in checkpoints]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
