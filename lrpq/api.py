@@ -25,6 +25,7 @@ from lrpq.errors import LrpqError
 from lrpq.gptq import SecondMoment, gptq_round
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
 from lrpq.observers import ChannelRange
+from lrpq.output_weighted_ranges import output_gradient_runner
 from lrpq.quantizers import FakeQuantizer, LogSqrt2Quantizer, QuantMode
 from lrpq.regions import Region, find_activation_sinks, find_regions
 from lrpq.reparam import (
@@ -38,7 +39,6 @@ from lrpq.reparam import (
     rotate_sink_input,
     shift_keys,
 )
-from lrpq.sensitivity import output_gradient_runner
 
 QuantLayer = QuantLinear | QuantConv2d | QuantMatMul
 

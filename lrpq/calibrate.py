@@ -28,7 +28,7 @@ def calibration(quantizers: Iterable[FakeQuantizer], mode: QuantMode = QuantMode
     With ``QuantMode.OBSERVE_QUANT`` each quantizer passes on its fake-quantized input, so every
     layer is calibrated on the quantized activations it will see at inference (as RepQ-ViT does);
     with ``QuantMode.OBSERVE_WEIGHTED`` each batch is recorded when a backward pass through the
-    block's forwards brings its gradient (``lrpq.sensitivity``).
+    block's forwards brings its gradient (``lrpq.output_weighted_ranges``).
     """
     quantizers = list(quantizers)
     for quantizer in quantizers:

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from lrpq import bench
-from lrpq.allocate import ALLOCATORS, weighted_mean_bits
+from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
+from lrpq.allocation.noise_measurement import (
+    DEFAULT_NOISE_IMAGES,
+    SENSITIVITY_ALLOCATOR,
+    measure_layer_noise,
+    plan_from_noise,
+)
+from lrpq.allocation.solvers import ALLOCATORS, weighted_mean_bits
 from lrpq.api import quant_layers, quantize
 from lrpq.config import RANGE_METRICS, BitPlan, QuantConfig
 from lrpq.data import (
@@ -26,8 +33,6 @@ from lrpq.data import (
 )
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
-from lrpq.layer_noise import DEFAULT_NOISE_IMAGES, SENSITIVITY_ALLOCATOR, measure_layer_noise, plan_from_noise
-from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d, QuantLinear
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map

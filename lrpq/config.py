@@ -121,7 +121,7 @@ class QuantConfig:
     ``range_metric`` is how an activation quantizer's candidate ranges are compared: ``"mse"``, the
     squared error of the tensor (RepQ-ViT); ``"output"``, each element's squared error weighted by the
     squared gradient of a random projection of the logits, i.e. the first-order error at the output
-    (``lrpq.sensitivity``; opt-in, it adds a backward pass to calibration).
+    (``lrpq.output_weighted_ranges``; opt-in, it adds a backward pass to calibration).
     ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
     """
 

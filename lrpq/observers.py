@@ -7,7 +7,7 @@ range is the mean of that candidate's per-batch ranges. With a single calibratio
 exactly "pick the percentile whose fake-quant output is closest to the float tensor".
 
 ``update(x, weight)`` weighs each element's squared error (the candidate ranges still come from ``x``
-alone): with the squared output sensitivity of every element (``lrpq.sensitivity``) the choice
+alone): with the squared output sensitivity of every element (``lrpq.output_weighted_ranges``) the choice
 minimises the first-order error at the model output rather than in the tensor itself.
 """
 

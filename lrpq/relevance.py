@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lrpq.allocate import relative_importance
+from lrpq.allocation.solvers import relative_importance
 from lrpq.errors import LrpqError
 from lrpq.ranking import kendall_tau
 

@@ -1,7 +1,7 @@
 """Which quantization points cost a shared reference model its accuracy: logit SNR per group.
 
 Quantizes the reference model as ``results_table.py`` does (``--no-gptq``: nearest rounding), then
-switches on one group of points at a time (``lrpq.noise``) on images spread over the dev folder and
+switches on one group of points at a time (``lrpq.noise_breakdown``) on images spread over the dev folder and
 prints each group's logit SNR against the same model with every quantizer off, worst first. Groups
 are point kinds across blocks (``mlp.fc2.input``, ``attn.matmul1.a`` …) or, with ``--by layer``, each
 layer's inputs and weight.
@@ -23,7 +23,7 @@ from lrpq import QuantConfig, quantize
 from lrpq.api import quantizers
 from lrpq.data import evenly_spaced, list_images, load_calibration_images, read_calibration_list
 from lrpq.models import build_model, resolve_model
-from lrpq.noise import groups_by_kind, groups_by_layer, noise_breakdown
+from lrpq.noise_breakdown import groups_by_kind, groups_by_layer, noise_breakdown
 
 
 def breakdown(label: str, config: QuantConfig, images: int, by: str) -> dict[str, float]:

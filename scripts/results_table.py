@@ -28,16 +28,16 @@ import numpy as np
 import torch
 
 from lrpq import QuantConfig, quantize
-from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
-from lrpq.evaluate import EvalResult, PairedGap, evaluate
-from lrpq.layer_noise import (
+from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES, relevance_bit_plan, widths_for
+from lrpq.allocation.noise_measurement import (
     DEFAULT_NOISE_IMAGES,
     SENSITIVITY_ALLOCATOR,
     LayerNoise,
     measure_layer_noise,
     plan_from_noise,
 )
-from lrpq.mixed import DEFAULT_RELEVANCE_IMAGES, relevance_bit_plan, widths_for
+from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
+from lrpq.evaluate import EvalResult, PairedGap, evaluate
 from lrpq.models import build_model, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]

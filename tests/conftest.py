@@ -26,7 +26,7 @@ from torch import nn
 
 from lrpq.api import quantize, quantizers
 from lrpq.config import QuantConfig
-from lrpq.noise import snr_db
+from lrpq.noise_breakdown import snr_db
 from lrpq.quantizers import QuantMode
 
 torch.set_num_threads(1)

@@ -23,7 +23,7 @@ from lrpq.api import activation_quantizers, quant_layers, quantize, quantizers, 
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul
-from lrpq.noise import snr_db
+from lrpq.noise_breakdown import snr_db
 from lrpq.observers import CalibrationError
 from lrpq.quantizers import Log2Quantizer, QuantMode, UniformQuantizer
 from lrpq.rotation import hadamard_factors

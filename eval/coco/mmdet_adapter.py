@@ -24,9 +24,9 @@ from pycocotools.coco import COCO
 from torch import nn
 from tqdm.auto import tqdm
 
+from lrpq.allocation.from_relevance import allocate_from_scores
 from lrpq.api import quantize
 from lrpq.config import BitPlan, QuantConfig
-from lrpq.mixed import allocate_from_scores
 from lrpq.modules import QuantWindowAttention, register_attention
 from lrpq.regions import register_regions
 from lrpq.relevance import LayerScores

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
-from lrpq.allocate import AllocationError
+from lrpq.allocation.from_relevance import allocatable, plan_from_scores, relevance_bit_plan, widths_for
+from lrpq.allocation.solvers import AllocationError
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
-from lrpq.mixed import allocatable, plan_from_scores, relevance_bit_plan, widths_for
 from lrpq.modules import QuantMatMul
 
 DEPTH = 4

@@ -12,7 +12,7 @@ from conftest import build_tiny, tiny_input
 from lrpq.api import quantize, quantizers, set_mode
 from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.errors import LrpqError
-from lrpq.noise import groups_by_kind, groups_by_layer, noise_breakdown, only_quantizing, snr_db
+from lrpq.noise_breakdown import groups_by_kind, groups_by_layer, noise_breakdown, only_quantizing, snr_db
 from lrpq.quantizers import QuantMode
 
 

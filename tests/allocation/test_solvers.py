@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrpq.allocate import (
+from lrpq.allocation.solvers import (
     AllocationError,
     exact_allocation,
     make_bit_plan,

@@ -3,7 +3,7 @@
 Three allocators share one contract — integer widths within ``widths`` whose unweighted mean is the
 target: ``paper`` reproduces the published rule and ``exact`` solves the budgeted problem optimally for
 a stated noise model, both from relevance (behind ``make_bit_plan``); ``noise_allocation`` solves it
-for noise measured per layer and width instead (``lrpq.layer_noise``).
+for noise measured per layer and width instead (``lrpq.allocation.noise_measurement``).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import torch
 from conftest import FAMILIES, build_tiny, reference_snrs, tiny_input
 from timm.layers import LayerScale
 
+from lrpq.allocation.noise_measurement import measure_layer_noise, plan_from_noise
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
 from lrpq.data import draw_calibration_set, load_calibration_images
-from lrpq.layer_noise import measure_layer_noise, plan_from_noise
 from lrpq.models import build_model, resolve_model
 from lrpq.modules import QuantMatMul
 

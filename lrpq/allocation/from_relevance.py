@@ -13,7 +13,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from lrpq.allocate import AllocationError, check_widths, make_bit_plan
+from lrpq.allocation.solvers import AllocationError, check_widths, make_bit_plan
 from lrpq.config import MAX_PRIMITIVE_BITS, MIN_PRIMITIVE_BITS, BitPlan
 from lrpq.relevance import LayerScores, compute_layer_scores
 

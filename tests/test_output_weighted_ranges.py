@@ -15,9 +15,9 @@ from lrpq.calibrate import calibration
 from lrpq.config import ConfigError, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.observers import UniformObserver
+from lrpq.output_weighted_ranges import output_gradient_runner
 from lrpq.primitives import uniform_qparams
 from lrpq.quantizers import QuantMode, UniformQuantizer
-from lrpq.sensitivity import output_gradient_runner
 
 PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 
