@@ -2,8 +2,9 @@
 
 Stages: ``prepare`` (swap in quantized layers, all quantizers OFF) → rotate attention heads →
 observe post-LN and post-GELU activations channel-wise and key ranges → fold CRL-clipped channel
-factors into LayerNorm (or the sink's input reparameterization) and sink, centre the keys
-(``reparam``) → calibrate weights on the folded values → observe every activation quantizer →
+factors into LayerNorm (or the sink's input reparameterization) and sink, give the sink's input
+the folds' target grid, centre the keys (``reparam``) → calibrate weights on the folded values →
+observe every other activation quantizer →
 ``convert`` (log√2 → log2) → QUANT; with ``config.gptq`` the same pass also collects every
 Linear's input second moments, and GPTQ rounds the weights on their grids. ``prepare`` followed by
 ``convert`` builds the same module tree without data, which is how a saved run is loaded back.
@@ -55,7 +56,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             "WindowAttention); other architectures need lrpq.modules.register_attention"
         )
     _replace(model, "", config)
-    if config.crl:
+    if config.ln_reparam:
         for region in find_regions(model):
             sink = model.get_submodule(region.sink)
             ensure_bias(sink)
@@ -199,10 +200,12 @@ def _reparameterize(
     batch_size: int,
     run: BatchRunner,
     progress: bool,
-) -> None:
+) -> list[FakeQuantizer]:
     """Observe every sink's input channel-wise and every qkv output's range in one pass, then fold.
 
     The folds keep the float function, so the key ranges seen before them are the ones after them.
+    With ``config.folded_grid == "target"`` each sink's per-tensor input grid is the folds' target
+    grid, set here; those quantizers are returned (still OFF) so calibration leaves them as set.
     """
     sinks = {name: model.get_submodule(name) for name in [region.sink for region in regions] + activation_sinks}
     bits = {name: sink.input_quantizer.bits for name, sink in sinks.items()}
@@ -224,13 +227,19 @@ def _reparameterize(
         scale, zero_point = observers[sink].qparams()
         return layerwise_fold_factors(scale, zero_point, config.clip_k)
 
+    folds = {name: factors(name) for name in sinks}
     for region in regions:
-        fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], factors(region.sink))
+        fold_into_norm_and_sink(model.get_submodule(region.norm), sinks[region.sink], folds[region.sink])
     for sink in activation_sinks:
-        fold_into_sink(sinks[sink].input_reparam, sinks[sink], factors(sink))
+        fold_into_sink(sinks[sink].input_reparam, sinks[sink], folds[sink])
     for name, attention in attentions.items():
         keys = attention.key_channels
         shift_keys(attention.qkv, keys, key_ranges[name].midpoint()[keys])
+    if config.folded_grid != "target":
+        return []
+    for name, fold in folds.items():
+        sinks[name].input_quantizer.set_qparams(fold.target_scale, fold.target_zero_point)
+    return [sink.input_quantizer for sink in sinks.values()]
 
 
 def _float_output_means(
@@ -280,11 +289,14 @@ def quantize(
         for sink in find_activation_sinks(model):
             layer = model.get_submodule(sink)
             rotate_sink_input(layer.input_reparam, layer)
-    regions = find_regions(model) if config.crl else []
+    regions = find_regions(model) if config.ln_reparam else []
     activation_sinks = find_activation_sinks(model) if config.post_gelu_reparam else []
     attentions = shiftable_attentions(model) if config.center_keys else {}
+    fixed_grids: list[FakeQuantizer] = []
     if regions or activation_sinks or attentions:
-        _reparameterize(model, regions, activation_sinks, attentions, config, calib, batch_size, run, progress)
+        fixed_grids = _reparameterize(
+            model, regions, activation_sinks, attentions, config, calib, batch_size, run, progress
+        )
     weighted = weighted_layers(model)
     corrected = weighted if config.bias_correction else {}
     float_means = _float_output_means(model, corrected, calib, batch_size, run, progress)
@@ -293,13 +305,18 @@ def quantize(
     rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
     moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
     gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
-    points = activation_quantizers(model)
+    points = [point for point in activation_quantizers(model) if point not in fixed_grids]
+    if config.calibrate_on_quantized:  # later layers then see these inputs quantized as they will be
+        for quantizer in fixed_grids:
+            quantizer.mode = QuantMode.QUANT
     if config.range_metric == "output":
         mode, calibration_run = QuantMode.OBSERVE_WEIGHTED, output_gradient_runner()
     else:
         mode, calibration_run = QuantMode.OBSERVE_QUANT if config.calibrate_on_quantized else QuantMode.OBSERVE, run
     with calibration(points, mode), observe_inputs(gptq_inputs, moments):
         _run(model, calib, batch_size, calibration_run, "calibration", progress)
+    for quantizer in fixed_grids:
+        quantizer.mode = QuantMode.QUANT
     for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
         weight, grid = rounded[name].weight, rounded[name].weight_quantizer
         grid.hold_rounding(weight, gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))

@@ -23,7 +23,7 @@ from lrpq.allocation.noise_measurement import (
 )
 from lrpq.allocation.solvers import ALLOCATORS, weighted_mean_bits
 from lrpq.api import quant_layers, quantize
-from lrpq.config import RANGE_METRICS, BitPlan, QuantConfig
+from lrpq.config import FOLDED_GRIDS, RANGE_METRICS, BitPlan, QuantConfig
 from lrpq.data import (
     draw_calibration_set,
     load_calibration_images,
@@ -86,6 +86,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _image_folder(args: argparse.Namespace) -> str:
     folder = args.calib_data or os.environ.get("LRPQ_CALIB_DATA")
     if folder is None:
@@ -116,7 +126,7 @@ def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> Quant
     config = QuantConfig(
         wbits=math.ceil(wbits),
         abits=math.ceil(abits),
-        crl=not args.no_crl,
+        ln_reparam=not args.no_ln_reparam,
         post_gelu_reparam=not args.no_gelu_reparam,
         center_keys=not args.no_key_centring,
         rotate_heads=not args.no_head_rotation,
@@ -124,7 +134,8 @@ def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> Quant
         gptq=not args.no_gptq,
         bias_correction=args.bias_correction,
         range_metric=args.range_metric,
-        clip_k=args.clip_k,
+        clip_k=None if args.no_crl else args.clip_k,
+        folded_grid=args.folded_grid,
     )
     if args.bit_plan:
         config = config.with_plan(BitPlan.load(args.bit_plan))
@@ -182,12 +193,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "timm_name": spec.timm_name,
         "wbits": config.wbits,
         "abits": config.abits,
-        "crl": config.crl,
+        "ln_reparam": config.ln_reparam,
         "post_gelu_reparam": config.post_gelu_reparam,
         "center_keys": config.center_keys,
         "rotate_heads": config.rotate_heads,
         "rotate_hidden": config.rotate_hidden,
         "clip_k": config.clip_k,
+        "folded_grid": config.folded_grid,
         "gptq": config.gptq,
         "bias_correction": config.bias_correction,
         "range_metric": config.range_metric,
@@ -329,7 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
         "activation range is then the mean of the per-batch ranges",
     )
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
-    q.add_argument("--no-crl", action="store_true", help="skip the post-LayerNorm reparameterization")
+    q.add_argument(
+        "--no-ln-reparam",
+        action="store_true",
+        help="skip RepQ-ViT's post-LayerNorm reparameterization (the channel fold into LayerNorm and the next Linear)",
+    )
     q.add_argument(
         "--no-gelu-reparam", action="store_true", help="skip the channel fold of post-GELU activations (fc2 inputs)"
     )
@@ -362,7 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
         "at the logits (output: one more backward pass)",
     )
     q.add_argument(
-        "--clip-k", type=float, help="CRL: clip channel scales to mean ± k·std before folding (default: off)"
+        "--clip-k",
+        type=_positive_float,
+        default=QuantConfig.clip_k,
+        help=f"CRL: clip channel scales and zero points to mean ± k·std before folding (default: {QuantConfig.clip_k})",
+    )
+    q.add_argument("--no-crl", action="store_true", help="fold without CRL's clipping (RepQ-ViT's fold)")
+    q.add_argument(
+        "--folded-grid",
+        choices=FOLDED_GRIDS,
+        default=QuantConfig.folded_grid,
+        help="per-tensor grid of a folded activation: the folds' (clipped) target grid, or a percentile refit "
+        f"(default: {QuantConfig.folded_grid})",
     )
     q.add_argument("--bit-plan", help="per-layer bits JSON (e.g. bits.json of an earlier run)")
     q.add_argument("--mixed", action="store_true", help="choose per-layer bits (mean = W/A bits) by --allocator")

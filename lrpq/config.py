@@ -20,6 +20,7 @@ MIN_PRIMITIVE_BITS = 2
 MAX_PRIMITIVE_BITS = 8
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 RANGE_METRICS = ("mse", "output")
+FOLDED_GRIDS = ("target", "refit")
 
 
 class ConfigError(LrpqError):
@@ -94,13 +95,15 @@ class QuantConfig:
     """Everything that determines a quantized model, given the float model and calibration images.
 
     ``bit_plan`` overrides ``wbits``/``abits`` for the layers it names; every other layer uses the
-    defaults. ``crl`` turns on the post-LayerNorm reparameterization, ``post_gelu_reparam`` the same
-    channel fold for the input of ``mlp.fc2`` (held at that layer's input, see ``lrpq.reparam``), and
-    ``clip_k`` is their clipping width (channel scales held within mean ± k·std; ``None``
-    reparameterizes without clipping). The
-    default is ``None`` because on both reference models every k tried (1, 2, 3) cost W4A4 accuracy:
-    4-bit activation error dominates there, and clipping leaves outlier channels wider than the
-    shared grid (numbers in the README).
+    defaults. ``ln_reparam`` turns on RepQ-ViT's post-LayerNorm reparameterization (the channel fold
+    into the LayerNorm affine and the next Linear), ``post_gelu_reparam`` the same channel fold for
+    the input of ``mlp.fc2`` (held at that layer's input, see ``lrpq.reparam``). ``clip_k`` is CRL's
+    clipping width for both folds: channel scales and zero points held within mean ± k·std (``None``:
+    no clipping, RepQ-ViT's fold). ``folded_grid`` is the per-tensor grid of a folded activation:
+    ``"target"``, the grid the (clipped) channel factors map every channel onto, as RepQ-ViT and CRL
+    define it, so CRL's outlier channels are clipped by it; ``"refit"``, a percentile search on the
+    folded activation, which lets those outliers widen the grid again (lrpq's earlier behaviour, kept
+    for comparison).
     ``conv_abits`` is the input width of Conv2d layers — in a ViT only the patch embedding, whose
     input is the image — kept at 8 bits as in RepQ-ViT (``None``: use ``abits``); a bit plan entry
     still wins. ``center_keys`` shifts every key channel by the centre of its calibration range
@@ -127,7 +130,7 @@ class QuantConfig:
 
     wbits: int = 4
     abits: int = 4
-    crl: bool = True
+    ln_reparam: bool = True
     post_gelu_reparam: bool = True
     center_keys: bool = True
     rotate_heads: bool = True
@@ -135,6 +138,7 @@ class QuantConfig:
     gptq: bool = True
     bias_correction: bool = False
     clip_k: float | None = None
+    folded_grid: str = "target"
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     conv_abits: int | None = 8
     calibrate_on_quantized: bool = False
@@ -149,7 +153,7 @@ class QuantConfig:
         return cls(
             wbits,
             abits,
-            crl=False,
+            ln_reparam=False,
             post_gelu_reparam=False,
             center_keys=False,
             rotate_heads=False,
@@ -171,6 +175,8 @@ class QuantConfig:
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ConfigError(f"percentiles={self.percentiles} must be a non-empty list of values in (0.5, 1]")
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+        if self.folded_grid not in FOLDED_GRIDS:
+            raise ConfigError(f"folded_grid={self.folded_grid!r} is unknown; use one of: {', '.join(FOLDED_GRIDS)}")
         if self.range_metric not in RANGE_METRICS:
             raise ConfigError(f"range_metric={self.range_metric!r} is unknown; use one of: {', '.join(RANGE_METRICS)}")
         if self.range_metric == "output" and self.calibrate_on_quantized:
@@ -198,6 +204,9 @@ class QuantConfig:
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
         fields = dict(data)
+        if "crl" in fields:  # written before the fold and CRL's clipping had their own names
+            fields["ln_reparam"] = fields.pop("crl")
+            fields.setdefault("folded_grid", "refit")  # what those versions did
         fields["percentiles"] = tuple(fields.get("percentiles", DEFAULT_PERCENTILES))
         fields["bit_plan"] = BitPlan.from_json_dict(fields.get("bit_plan", {}))
         return cls(**fields)

@@ -4,9 +4,12 @@ LRP-QViT gives more bits to the layers that carry more of the evidence for the p
 That evidence is measured with Chefer et al.'s relevance rules (CVPR 2021): z⁺ through Linear and
 Conv layers, identity through GELU/softmax/LayerNorm/dropout/LayerScale, a gradient×input split of
 q·kᵀ and attn·v and of residual adds, renormalised so each pair conserves relevance, and sums where
-a tensor fans out. Negative relevance is removed where it is used (LRP-QViT): a layer's contribution
-for one image is the mean of clamp(grad ⊙ clamp(R, 0), 0) over its output, where grad is the
-target logit's gradient from the same pass; a layer's score is the mean contribution over images.
+a tensor fans out. A layer's contribution for one image is LRP-QViT's ``mean((∇A ⊙ R)⁺)`` over its
+output ``A`` (``layer_contribution``), where ``∇A`` is the target logit's gradient from the same pass
+and ``R`` the relevance there: the positive part of the product, so an element whose gradient and
+relevance are both negative counts too. The q·kᵀ layer is scored on the post-softmax attention, its
+``(∇A ⊙ R)⁺`` averaged over heads being Chefer's attention map; a layer's score is the mean
+contribution over images, normalised within its block by the allocators.
 
 Nothing in the model is replaced: a context manager records every submodule's inputs and outputs
 with forward hooks (and switches attention to its explicit q·kᵀ → softmax → ·v path), the rules
@@ -137,14 +140,19 @@ def matmul_relevance(a: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     return _conserving_pair(a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s), r)
 
 
+def layer_contribution(grad: Tensor, relevance: Tensor, images: int) -> Tensor:
+    """LRP-QViT's per-image contribution of a layer: ``mean((∇A ⊙ R)⁺)`` over its output ``A``, shape (images,).
+
+    The positive part is taken of the product, not of ``R`` first: an element whose gradient and
+    relevance are both negative supports the prediction as much as one where both are positive.
+    ``A`` leads with the image dimension, or with images × windows (Swin's attention), image-major.
+    """
+    return (grad * relevance).clamp(min=0).reshape(images, -1).mean(1).detach()
+
+
 def clone_relevance(*relevances: Tensor) -> Tensor:
     """A tensor read by several consumers gets the sum of the relevance each consumer hands back."""
     return torch.stack(relevances).sum(0)
-
-
-def _softmax_input_grad(probs: Tensor, grad_probs: Tensor) -> Tensor:
-    """Gradient at the softmax input from the gradient at its output (the softmax Jacobian)."""
-    return probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
 
 
 def _move(source: Tensor, moved: Tensor, r: Tensor) -> Tensor:
@@ -204,12 +212,11 @@ def relevance_trace(model: nn.Module) -> Iterator[RelevanceTrace]:
 
 @dataclass
 class _Point:
-    """A scored tensor: where its gradient comes from, and its relevance in the same layout."""
+    """A scored tensor (in the autograd graph, for its gradient) and its relevance in the same layout."""
 
     name: str
     activation: Tensor
     relevance: Tensor
-    to_grad: Callable[[Tensor], Tensor] | None = None
 
 
 Rule = Callable[[nn.Module, Tensor, "_Propagation"], Tensor]
@@ -242,11 +249,9 @@ class _Propagation:
             r = self.propagate(module, r)
         return r
 
-    def score(
-        self, name: str, activation: Tensor, r: Tensor, to_grad: Callable[[Tensor], Tensor] | None = None
-    ) -> None:
+    def score(self, name: str, activation: Tensor, r: Tensor) -> None:
         """Keep ``activation`` (graph tensor) and its relevance ``r`` for the layer score ``name``."""
-        self.points.append(_Point(name, activation, r, to_grad))
+        self.points.append(_Point(name, activation, r))
 
     def attention_map(self, name: str, probs: Tensor, r: Tensor) -> None:
         """Keep an attention module's probabilities and their relevance for Chefer's attribution map."""
@@ -255,17 +260,16 @@ class _Propagation:
     def finish(self, target_logit: Tensor, batch: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per-image layer contributions and head-averaged attention relevance, in forward order.
 
-        A contribution is the per-image mean of clamp(grad ⊙ clamp(R, 0), 0) of a scored tensor;
-        an attention relevance is Chefer's E_h[(∇A ⊙ R_A)⁺] of one attention module.
+        A contribution is ``layer_contribution`` of a scored tensor; an attention relevance is
+        Chefer's E_h[(∇A ⊙ R_A)⁺] of one attention module.
         """
         tensors = [point.activation for point in self.points] + [probs for _, probs, _ in self.attention]
         grads = torch.autograd.grad(target_logit, tensors)
         point_grads, attention_grads = grads[: len(self.points)], grads[len(self.points) :]
-        contributions = {}
-        for point, grad in zip(reversed(self.points), reversed(point_grads), strict=True):
-            grad = point.to_grad(grad) if point.to_grad is not None else grad
-            contribution = (grad * point.relevance.clamp(min=0)).clamp(min=0)
-            contributions[point.name] = contribution.reshape(batch, -1).mean(1).detach()
+        contributions = {
+            point.name: layer_contribution(grad, point.relevance, batch)
+            for point, grad in zip(reversed(self.points), reversed(point_grads), strict=True)
+        }
         attention = {
             name: (grad * r).clamp(min=0).mean(1).detach()
             for (name, _, r), grad in zip(reversed(self.attention), reversed(attention_grads), strict=True)
@@ -349,7 +353,8 @@ def _attention_core(
     """From relevance at the merged head outputs (attn·v) to relevance at the qkv output.
 
     Softmax, the relative-position bias and the shift mask pass relevance on unchanged; matmul1 is
-    scored on the softmax input (pre-softmax scores), matmul2 on the merged head outputs.
+    scored on the post-softmax attention (Chefer's map, as LRP-QViT scores the attention layer),
+    matmul2 on the merged head outputs.
     """
     q, k, v = operands
     name = ctx.names[attn]
@@ -358,7 +363,7 @@ def _attention_core(
     r_mixed = r_heads.reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
     probs = ctx.output(attn.attn_drop)
     r_probs, r_v = matmul_relevance(probs, v, r_mixed)
-    ctx.score(f"{name}.matmul1", probs, r_probs, lambda grad: _softmax_input_grad(probs, grad))
+    ctx.score(f"{name}.matmul1", probs, r_probs)
     ctx.attention_map(name, probs, r_probs)
     r_q, r_kt = matmul_relevance(q * attn.scale, k.transpose(-2, -1), r_probs)
     return ctx.propagate(attn.qkv, _merge_heads(r_q, r_kt.transpose(-2, -1), r_v))

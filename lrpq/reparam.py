@@ -8,9 +8,13 @@ LayerNorm affine (``γ' = γ / r``, ``β' = β / r - b``) and the next Linear (`
 ``bias' = bias + W'·b``), so the float function is unchanged.
 
 CRL (LRP-QViT) clips the per-channel scales and zero points to ``mean ± k·std`` across channels
-before computing the factors: an outlier channel then keeps part of its range in the activation
-instead of multiplying a whole column of the next weight by a large ``r``, which would otherwise
-stretch every output channel's weight range.
+before computing the factors, and the per-tensor quantizer then uses the target grid ``(s̃, z̃)``
+of the clipped channels as it is: an outlier channel keeps part of its range in the activation,
+where that grid clips it, instead of multiplying a whole column of the next weight by a large
+``r``, which would stretch every output channel's weight range. (Re-fitting the per-tensor grid
+on the folded activation instead would let the outliers widen it for every channel.) The target
+zero point is rounded to an integer, so the grid is one an integer kernel can use; the fold's
+``b`` is computed against that rounded grid, so the mapping stays exact.
 
 Keys can be shifted for free: ``softmax(q·(k - c)ᵀ)`` equals ``softmax(q·kᵀ)`` for any vector ``c``,
 because ``q·c`` adds the same number to every score of a query (relative position bias and masks
@@ -68,7 +72,7 @@ def clip_to_mean_std(values: torch.Tensor, k: float | None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FoldFactors:
-    """Per-channel ``r`` and ``b`` of ``x' = x / r - b``, and the per-tensor grid they target."""
+    """Per-channel ``r`` and ``b`` of ``x' = x / r - b``, and the per-tensor grid they target (integer zero point)."""
 
     r: torch.Tensor
     b: torch.Tensor
@@ -82,7 +86,7 @@ def layerwise_fold_factors(
     """Factors that turn a channel-wise grid into one per-tensor grid (RepQ-ViT Eq. 5–7, CRL-clipped)."""
     scale = clip_to_mean_std(channel_scale, clip_k)
     zero_point = clip_to_mean_std(channel_zero_point, clip_k)
-    target_scale, target_zero_point = scale.mean(), zero_point.mean()
+    target_scale, target_zero_point = scale.mean(), zero_point.mean().round()
     r = scale / target_scale
     b = (-zero_point * scale) / r - (-target_zero_point * target_scale)
     return FoldFactors(r, b, target_scale, target_zero_point)

@@ -80,7 +80,7 @@ REFERENCES = {
 # compares activation ranges by the first-order error they cause at the logits (range_metric="output",
 # opt-in).
 UNROTATED = {"rotate_heads": False, "rotate_hidden": False}
-NO_REPARAM = {"crl": False, "post_gelu_reparam": False, "center_keys": False, **UNROTATED}
+NO_REPARAM = {"ln_reparam": False, "post_gelu_reparam": False, "center_keys": False, **UNROTATED}
 REPQ_VIT = {"post_gelu_reparam": False, "center_keys": False, **UNROTATED}
 NEAREST = {"gptq": False}
 BC = {"bias_correction": True}

@@ -64,7 +64,7 @@ def test_every_quantizer_is_quant_and_the_softmax_uses_log2_after_quantize() -> 
 def test_naive_config_is_per_tensor_with_a_uniform_softmax() -> None:
     config = QuantConfig.naive(8, 8)
     assert (
-        config.crl,
+        config.ln_reparam,
         config.post_gelu_reparam,
         config.percentiles,
         config.per_channel_weights,
@@ -96,7 +96,7 @@ def test_post_gelu_reparam_folds_channel_ranges_into_fc2_only() -> None:
         fc1.weight.mul_(ramp)
         fc1.bias.mul_(ramp.squeeze(1))
     calib = tiny_input("vit", 4)
-    model = quantize(copy.deepcopy(float_model), QuantConfig(wbits=8, abits=8, crl=False), calib, progress=False)
+    model = quantize(copy.deepcopy(float_model), QuantConfig(wbits=8, abits=8, ln_reparam=False), calib, progress=False)
     linears = {name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear)}
     assert {name for name, layer in linears.items() if layer.input_reparam is not None} == {
         "blocks.0.mlp.fc2",
@@ -119,7 +119,7 @@ def test_post_gelu_reparam_folds_channel_ranges_into_fc2_only() -> None:
     assert spread(mapped) < spread(hidden["x"]) / 4
     unfolded = quantize(
         copy.deepcopy(float_model),
-        QuantConfig(8, 8, crl=False, post_gelu_reparam=False, rotate_hidden=False),
+        QuantConfig(8, 8, ln_reparam=False, post_gelu_reparam=False, rotate_hidden=False),
         calib,
         progress=False,
     )
@@ -129,7 +129,7 @@ def test_post_gelu_reparam_folds_channel_ranges_into_fc2_only() -> None:
 def test_hidden_rotation_alone_rotates_fc2_inputs_and_keeps_the_float_model() -> None:
     float_model = build_tiny("vit")
     calib = tiny_input("vit", 4)
-    config = QuantConfig(8, 8, crl=False, post_gelu_reparam=False, gptq=False)
+    config = QuantConfig(8, 8, ln_reparam=False, post_gelu_reparam=False, gptq=False)
     model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
     reparam = model.blocks[0].mlp.fc2.input_reparam
     assert torch.equal(reparam.r, torch.ones(192)) and torch.equal(reparam.b, torch.zeros(192))  # no fold

@@ -172,7 +172,7 @@ def test_no_reparam_flags_reach_the_saved_config(
 ) -> None:
     run = workspace["root"] / "plain"
     flags = (
-        "--no-crl",
+        "--no-ln-reparam",
         "--no-gelu-reparam",
         "--no-key-centring",
         "--no-head-rotation",
@@ -183,7 +183,7 @@ def test_no_reparam_flags_reach_the_saved_config(
     assert status == 0, err
     config = json.loads((run / "config.json").read_text())["quant"]
     summary = json.loads((run / "summary.json").read_text())
-    switches = ("crl", "post_gelu_reparam", "center_keys", "rotate_heads", "rotate_hidden", "gptq")
+    switches = ("ln_reparam", "post_gelu_reparam", "center_keys", "rotate_heads", "rotate_hidden", "gptq")
     assert [config[name] for name in switches] == [summary[name] for name in switches] == [False] * 6
     model, _, _ = load_run(run)
     assert all(getattr(layer, "input_reparam", None) is None for layer in model.modules())

@@ -28,7 +28,7 @@ PLAN = BitPlan(
         QuantConfig(
             wbits=8,
             abits=8,
-            crl=False,
+            ln_reparam=False,
             center_keys=False,
             rotate_heads=False,
             rotate_hidden=False,

@@ -15,16 +15,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+import lrpq.relevance as lrpq_relevance
 from lrpq.errors import LrpqError
 from lrpq.relevance import (
     LayerScores,
     RelevanceError,
-    _softmax_input_grad,
     add_relevance,
     clone_relevance,
     collect_contributions,
     compute_layer_scores,
     explain,
+    layer_contribution,
     matmul_relevance,
     ranking_stability,
     relevance_map,
@@ -152,17 +153,6 @@ def test_zplus_equals_gradient_times_input_on_a_positive_linear_chain() -> None:
     torch.testing.assert_close(r_input, x.detach() * grad, rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_input_gradient_matches_autograd() -> None:
-    scores = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    probs = scores.softmax(-1)
-    upstream = torch.randn_like(probs)
-    (expected,) = torch.autograd.grad(probs, scores, upstream)
-    torch.testing.assert_close(_softmax_input_grad(probs.detach(), upstream), expected)
-
-
-# --- context manager hygiene ----------------------------------------------------------------------
-
-
 def _assert_clean(model: torch.nn.Module, fused: dict[torch.nn.Module, bool], training: bool) -> None:
     for module in model.modules():
         assert not module._forward_hooks
@@ -189,6 +179,15 @@ def test_hooks_and_modes_are_restored_after_the_context_and_after_an_exception()
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_layer_contribution_is_the_positive_part_of_gradient_times_relevance() -> None:
+    # grad (-2, 3, -1, 4) ⊙ R (-0.5, -1, 2, 0.25) = (1, -3, -2, 1): the negative·negative product counts,
+    # so (∇A ⊙ R)⁺ = (1, 0, 0, 1) and its mean is 0.5 (clamping R first would give 0.25).
+    grad = torch.tensor([[-2.0, 3.0], [-1.0, 4.0]]).reshape(1, 2, 2)
+    relevance = torch.tensor([[-0.5, -1.0], [2.0, 0.25]]).reshape(1, 2, 2)
+    assert layer_contribution(grad, relevance, 1).tolist() == [0.5]
+    assert layer_contribution(torch.cat([grad, -grad]), torch.cat([relevance, relevance]), 2).tolist() == [0.5, 1.25]
+
+
 # --- layer scores on tiny models ------------------------------------------------------------------
 
 
@@ -208,6 +207,35 @@ def test_layer_scores_cover_every_layer_are_nonnegative_and_deterministic(kind: 
         totals[scores.block_of[name]] = totals.get(scores.block_of[name], 0.0) + value
     assert set(totals) == set(scores.block_order)
     assert all(math.isclose(total, 1.0, rel_tol=1e-9) for total in totals.values())
+
+
+def test_scores_are_the_mean_positive_part_over_the_propagated_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each score is mean((∇A ⊙ R)⁺) of the tensor the rules scored, negative·negative elements included."""
+    scored: dict[str, tuple[Tensor, Tensor]] = {}
+    original_finish = lrpq_relevance._Propagation.finish
+
+    def finish(self, target_logit: Tensor, batch: int):  # the gradient at each scored tensor, by autograd
+        grads = torch.autograd.grad(target_logit, [p.activation for p in self.points], retain_graph=True)
+        scored.update({point.name: (grad, point.relevance) for point, grad in zip(self.points, grads, strict=True)})
+        return original_finish(self, target_logit, batch)
+
+    monkeypatch.setattr(lrpq_relevance._Propagation, "finish", finish)
+    explanation = explain(_tiny("vit"), _images("vit", 1))
+    both_negative = 0
+    for name, (grad, r) in scored.items():
+        products = [float(g) * float(v) for g, v in zip(grad.flatten(), r.flatten(), strict=True)]
+        by_hand = sum(max(p, 0.0) for p in products) / len(products)
+        assert explanation.contributions[name].item() == pytest.approx(by_hand, rel=1e-4, abs=1e-12), name
+        both_negative += int(((grad < 0) & (r < 0)).sum())
+    assert len(scored) == len(explanation.contributions)
+    assert both_negative > 0  # the case a score clamping R first would drop does occur
+
+
+def test_q_k_product_is_scored_on_chefers_post_softmax_attention_map() -> None:
+    explanation = explain(_tiny("vit"), _images("vit", 2))
+    for block in ("blocks.0", "blocks.1"):
+        cam = explanation.attention[f"{block}.attn"]  # E_h[(∇A ⊙ R_A)⁺], (B, N, N)
+        torch.testing.assert_close(explanation.contributions[f"{block}.attn.matmul1"], cam.mean((1, 2)))
 
 
 def test_block_names_follow_the_timm_module_tree() -> None:

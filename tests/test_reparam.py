@@ -20,6 +20,7 @@ from lrpq.api import (
     weighted_layers,
 )
 from lrpq.config import QuantConfig
+from lrpq.observers import UniformObserver
 from lrpq.quantizers import QuantMode
 from lrpq.reparam import (
     FoldFactors,
@@ -350,3 +351,62 @@ def test_quantize_with_crl_then_off_is_the_float_model(make_model, family: str, 
     set_mode(model, QuantMode.OFF)
     with torch.no_grad():
         assert relative_error(model(check), float_model(check)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ CRL grid
+
+
+def norm_output(model: nn.Module, norm: str, x: torch.Tensor) -> torch.Tensor:
+    captured = []
+    handle = model.get_submodule(norm).register_forward_hook(lambda _m, _a, out: captured.append(out.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("clip_k", [1.0, None])
+def test_crl_quantizer_uses_the_clipped_target_grid(clip_k: float | None) -> None:
+    """The qkv input grid is the mean of the clipped channel grids, and outlier channels saturate on it."""
+    float_model = build_tiny("vit")
+    with torch.no_grad():
+        norm = float_model.blocks[0].norm1
+        norm.weight.fill_(1.0)
+        norm.weight[[3, 17]] = 40.0  # two outlier channels, far beyond mean ± 1·std of the channel ranges
+    calib = tiny_input("vit", batch=4, seed=3)
+    config = QuantConfig(wbits=4, abits=4, clip_k=clip_k, gptq=False)
+    model = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+
+    observer = UniformObserver("norm1", 4, config.percentiles, channel_dim=-1)
+    observer.update(norm_output(float_model, "blocks.0.norm1", calib))
+    channel_scale, channel_zero = observer.qparams()
+    channel_scale, channel_zero = clip_to_mean_std(channel_scale, clip_k), clip_to_mean_std(channel_zero, clip_k)
+    grid = model.blocks[0].attn.qkv.input_quantizer
+    torch.testing.assert_close(grid.scale, channel_scale.mean(), rtol=1e-6, atol=0)
+    assert grid.zero_point.item() == channel_zero.mean().round().item()
+
+    set_mode(model, QuantMode.OFF)  # the sink quantizes its input in place: read the fold with it off
+    folded = norm_output(model, "blocks.0.norm1", calib)
+    grid_max = (15 - grid.zero_point) * grid.scale
+    outliers_beyond = folded[..., [3, 17]].amax() > grid_max * 1.5
+    assert bool(outliers_beyond) == (clip_k is not None)  # CRL leaves the outliers to be clipped by the grid
+
+
+def test_refit_grid_is_widened_by_the_clipped_outliers() -> None:
+    float_model = build_tiny("vit")
+    with torch.no_grad():
+        float_model.blocks[0].norm1.weight.fill_(1.0)
+        float_model.blocks[0].norm1.weight[[3, 17]] = 40.0
+    calib = tiny_input("vit", batch=4, seed=3)
+    scales = {
+        grid: quantize(
+            copy.deepcopy(float_model),
+            QuantConfig(4, 4, clip_k=1.0, gptq=False, folded_grid=grid),
+            calib,
+            progress=False,
+        )
+        .blocks[0]
+        .attn.qkv.input_quantizer.scale.item()
+        for grid in ("target", "refit")
+    }
+    assert scales["refit"] > 1.2 * scales["target"], scales
