@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from lrpq.errors import LrpqError
 from lrpq.evaluate import evaluate
 from lrpq.export import load_packed_state, save_packed
 from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.outputs import staged_file
 from lrpq.quantizers import QuantMode
 
 DEFAULT_MODELS = ("deit_s", "swin_t")
@@ -267,12 +269,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.images < 1 or not 1 <= args.relevance_images <= args.images:
         raise LrpqError("--repeats and --images must be positive and --relevance-images within 1..--images")
     start = time.perf_counter()
-    results = run_benchmark(args.models, args.repeats, args.images, args.relevance_images)
-    payload = json.dumps(results, indent=2)
-    print(format_table(results))
-    print(payload)
-    if args.json:
-        Path(args.json).write_text(payload + "\n")
+    with staged_file(args.json) if args.json else nullcontext() as json_staging:  # unwritable: fails now
+        results = run_benchmark(args.models, args.repeats, args.images, args.relevance_images)
+        payload = json.dumps(results, indent=2)
+        print(format_table(results))
+        print(payload)
+        if json_staging is not None:
+            json_staging.write_text(payload + "\n")
     _log(f"benchmark finished in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -6,10 +6,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -35,11 +39,13 @@ from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d, QuantLinear
+from lrpq.outputs import staged_dir, staged_file
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
-from lrpq.relevance_export import write_relevance_report
-from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
+from lrpq.relevance_export import REPORT_KIND, write_report_files
+from lrpq.runs import effective_plan, has_run_files, load_run, staged_run_dir, write_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's convention
 FRACTIONAL_ALLOCATORS = ("exact", SENSITIVITY_ALLOCATOR)  # the budgeted ones: any mean within the widths
 
 
@@ -174,57 +180,54 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model, args.checkpoint)
     config = _quant_config(args, wbits, abits)
     out_dir = args.out or _default_run_dir(spec, wbits, abits, args.mixed)
-    check_writable(out_dir, args.overwrite)
-    calib = _calibration_images(args, spec)
-    model = build_model(spec)
-    started = time.perf_counter()
-    scores = noise = None
-    if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
-        noise = measure_layer_noise(model, config, calib, widths, images=min(args.noise_images, calib.shape[0]))
-        config = config.with_plan(plan_from_noise(noise, wbits=wbits, abits=abits))
-    elif args.mixed:
-        scores = _layer_scores(args, spec, model)
-        config = config.with_plan(
-            plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
-        )
-    quantize(model, config, calib, batch_size=args.batch_size)
-    summary = {
-        "model": spec.source,
-        "timm_name": spec.timm_name,
-        "wbits": config.wbits,
-        "abits": config.abits,
-        "ln_reparam": config.ln_reparam,
-        "post_gelu_reparam": config.post_gelu_reparam,
-        "center_keys": config.center_keys,
-        "rotate_heads": config.rotate_heads,
-        "rotate_hidden": config.rotate_hidden,
-        "clip_k": config.clip_k,
-        "folded_grid": config.folded_grid,
-        "gptq": config.gptq,
-        "bias_correction": config.bias_correction,
-        "range_metric": config.range_metric,
-        "calibration_images": int(calib.shape[0]),
-        "calibration_batch_size": args.batch_size,
-        "seed": args.seed,
-        "calibration_seconds": round(time.perf_counter() - started, 2),
-        **_budget_summary(model, config),
-    }
-    if args.mixed:
-        summary |= {"allocator": args.allocator, "target_wbits": wbits, "target_abits": abits, "widths": widths}
-    if scores is not None:
-        summary["relevance_images"] = scores.num_images
-    if noise is not None:
-        summary["noise_images"] = noise.num_images
-
-    def write_scores(folder: Path) -> None:
+    # The whole run happens in a staging folder beside --out, made now: an unusable --out fails before any
+    # work, and any failure (an error, Ctrl-C, SIGTERM) removes it.
+    with staged_run_dir(out_dir, args.overwrite) as staging:
+        calib = _calibration_images(args, spec)
+        model = build_model(spec)
+        started = time.perf_counter()
+        scores = noise = None
+        if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
+            noise = measure_layer_noise(model, config, calib, widths, images=min(args.noise_images, calib.shape[0]))
+            config = config.with_plan(plan_from_noise(noise, wbits=wbits, abits=abits))
+        elif args.mixed:
+            scores = _layer_scores(args, spec, model)
+            config = config.with_plan(
+                plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
+            )
+        quantize(model, config, calib, batch_size=args.batch_size)
+        summary = {
+            "model": spec.source,
+            "timm_name": spec.timm_name,
+            "wbits": config.wbits,
+            "abits": config.abits,
+            "ln_reparam": config.ln_reparam,
+            "post_gelu_reparam": config.post_gelu_reparam,
+            "center_keys": config.center_keys,
+            "rotate_heads": config.rotate_heads,
+            "rotate_hidden": config.rotate_hidden,
+            "clip_k": config.clip_k,
+            "folded_grid": config.folded_grid,
+            "gptq": config.gptq,
+            "bias_correction": config.bias_correction,
+            "range_metric": config.range_metric,
+            "calibration_images": int(calib.shape[0]),
+            "calibration_batch_size": args.batch_size,
+            "seed": args.seed,
+            "calibration_seconds": round(time.perf_counter() - started, 2),
+            **_budget_summary(model, config),
+        }
+        if args.mixed:
+            summary |= {"allocator": args.allocator, "target_wbits": wbits, "target_abits": abits, "widths": widths}
         if scores is not None:
-            scores.save(folder / "scores.json")
-            scores.save_csv(folder / "scores.csv")
+            summary["relevance_images"] = scores.num_images
+            scores.save(staging / "scores.json")
+            scores.save_csv(staging / "scores.csv")
         if noise is not None:
-            noise.save(folder / "noise.json")
-
-    out = save_run(out_dir, model, spec, config, summary, overwrite=args.overwrite, extra_files=write_scores)
-    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out}")
+            summary["noise_images"] = noise.num_images
+            noise.save(staging / "noise.json")
+        write_run(staging, model, spec, config, summary)
+    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out_dir}")
     return 0
 
 
@@ -245,7 +248,18 @@ def _print_comparison(source: str, comparison: Comparison) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if is_run_dir(args.model):
+    # --json is written through a staging file made now, so an unwritable path fails before the evaluation.
+    with staged_file(args.json) if args.json else nullcontext() as json_staging:
+        payload = _evaluate(args)
+        if json_staging is not None:
+            payload |= {"model": args.model, "data": str(args.data)}
+            json_staging.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, object]:
+    """Evaluate (or compare against float) as ``lrpq eval`` asks, print the result and return it as JSON."""
+    if has_run_files(args.model):  # a damaged run is named as one, not looked up as a model name
         model, spec, _ = load_run(args.model)
     elif args.against_float:
         raise LrpqError(
@@ -267,10 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(model, loader)
         _print_result(args.model, result)
         payload = result.to_json_dict()
-    if args.json:
-        payload |= {"model": args.model, "data": str(args.data)}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+    return payload
 
 
 def _heat_map(model: torch.nn.Module, image: torch.Tensor, method: str) -> torch.Tensor:
@@ -287,21 +298,22 @@ def cmd_relevance(args: argparse.Namespace) -> int:
     wbits, abits = _targets(args, ("exact",), "--allocator exact")
     widths = _widths(args, wbits, abits)
     spec = resolve_model(args.model, args.checkpoint)
-    model = build_model(spec)
-    paths = draw_calibration_set(args.data, args.num_images, args.seed)
-    images = load_calibration_images(paths, spec.data_config)
-    scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
-    plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
-    heatmaps = [
-        (
-            unnormalize(image, spec.data_config),
-            _heat_map(model, image, args.map_method),
-            f"{path.parent.name}/{path.name}",
-        )
-        for image, path in zip(images[: args.heatmaps], paths[: args.heatmaps], strict=True)
-    ]
-    out = write_relevance_report(scores, args.out, plan, heatmaps)
-    print(f"scored {len(scores.scores)} layers on {scores.num_images} images of {args.data} → {out}")
+    with staged_dir(args.out, what=REPORT_KIND) as staging:  # --out is checked and usable before any work
+        model = build_model(spec)
+        paths = draw_calibration_set(args.data, args.num_images, args.seed)
+        images = load_calibration_images(paths, spec.data_config)
+        scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
+        plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
+        heatmaps = [
+            (
+                unnormalize(image, spec.data_config),
+                _heat_map(model, image, args.map_method),
+                f"{path.parent.name}/{path.name}",
+            )
+            for image, path in zip(images[: args.heatmaps], paths[: args.heatmaps], strict=True)
+        ]
+        write_report_files(staging, scores, plan, heatmaps)
+    print(f"scored {len(scores.scores)} layers on {scores.num_images} images of {args.data} → {args.out}")
     return 0
 
 
@@ -456,13 +468,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt (and like it no ``Exception``), so clean-up code runs."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` while a command runs, unless SIGTERM already has a handler or is ignored.
+
+    Without this, SIGTERM kills the process at once and leaves its staging folder behind.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user error is one line and status 2.
+
+    Ctrl-C and SIGTERM are one line too, with the statuses a shell gives a process they end (130, 143), once
+    the command has removed what it had begun to write.
+    """
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except LrpqError as error:
         print(f"lrpq {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lrpq {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"lrpq {args.command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform
@@ -22,6 +23,7 @@ from lrpq.errors import LrpqError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
 IMAGENET_CLASSES = 1000
+SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _TRANSFORM_KEYS = frozenset(inspect.signature(create_transform).parameters) - {"is_training"}
 # PIL reports corrupt or truncated files as OSError, a few as ValueError or SyntaxError.
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -93,10 +95,23 @@ class Unreadable(NamedTuple):
     path: str
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit grayscale is scaled to 8 bits, which PIL's convert would clip to 255.
+
+    PIL reads 16-bit grayscale PNG/TIFF/PGM as ``I;16`` (and its byte orders) or as 32-bit ``I``; ``v / 257``
+    maps 0…65535 onto 0…255 and gives back ``v`` for an 8-bit value widened as ``v · 257``. Every other mode
+    (palette, LA/RGBA, CMYK, 1-bit, …) is PIL's own conversion.
+    """
+    if image.mode not in SIXTEEN_BIT_GRAY_MODES:
+        return image.convert("RGB")
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 2**16 - 1)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8)).convert("RGB")
+
+
 def _load_image(path: Path, transform: Transform) -> torch.Tensor | None:
     try:
         with Image.open(path) as image:
-            return transform(image.convert("RGB"))
+            return transform(to_rgb(image))
     except _UNREADABLE:
         return None
 

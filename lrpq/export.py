@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,19 +91,34 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_packed_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict saved by ``save_packed``, with every packed weight dequantized to ``(q - z) · s``."""
+def _packed_layout(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The packed weights a file describes in its metadata (key → bits, shape, dtype, parameter keys)."""
     with safe_open(str(path), framework="pt") as handle:
         description = (handle.metadata() or {}).get(_METADATA_KEY)
     if description is None:
         raise ExportError(f"{path} is not a packed lrpq model (no '{_METADATA_KEY}' metadata)")
+    try:
+        layout = json.loads(description)
+        version, weights = layout.get("version"), layout["weights"]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        raise ExportError(f"{path}: its '{_METADATA_KEY}' metadata is damaged") from None
+    if version != _FORMAT_VERSION:
+        raise ExportError(f"{path} has packed format version {version}; this lrpq reads {_FORMAT_VERSION}")
+    if not isinstance(weights, dict) or not all(isinstance(info, dict) for info in weights.values()):
+        raise ExportError(f"{path}: its '{_METADATA_KEY}' metadata is damaged")
+    return weights
+
+
+def packed_weight_bits(path: str | Path) -> dict[str, int]:
+    """Bit width of every packed weight in ``path``, by state-dict key, read from the metadata alone."""
+    return {key: info.get("bits") for key, info in _packed_layout(path).items()}
+
+
+def load_packed_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict saved by ``save_packed``, with every packed weight dequantized to ``(q - z) · s``."""
+    layout = _packed_layout(path)
     state = load_file(str(path))
-    layout = json.loads(description)
-    if layout.get("version") != _FORMAT_VERSION:
-        raise ExportError(
-            f"{path} has packed format version {layout.get('version')}; this lrpq reads {_FORMAT_VERSION}"
-        )
-    for key, info in layout["weights"].items():
+    for key, info in layout.items():
         try:
             stream, scale, zero_point = state[key], state[info["scale"]], state[info["zero_point"]]
         except KeyError as missing:

@@ -154,11 +154,45 @@ def _check_card_fields(card: Mapping[str, Any], where: str) -> None:
         raise ModelError(f"{where}: classes must be a list of class folder names in label order")
 
 
+def _size_pair(size: Any, where: str) -> tuple[int, int]:
+    """An image size given as ``S`` or ``[H, W]`` (timm's two forms) as (H, W)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return size[0], size[1]
+    raise ModelError(f"{where}: img_size={size!r} must be an integer or [H, W]")
+
+
+def check_input_size(timm_name: str, kwargs: Mapping[str, Any], data_config: Mapping[str, Any], where: str) -> None:
+    """Refuse preprocessing whose image size the model would reject (timm only asserts at the first forward).
+
+    The model's size is ``kwargs["img_size"]`` when given, else its architecture's default when that
+    architecture takes one fixed size; models built with ``dynamic_img_size`` take any size.
+    """
+    if kwargs.get("dynamic_img_size"):
+        return
+    size = kwargs.get("img_size")
+    if size is None:
+        pretrained_cfg = get_pretrained_cfg(timm_name)
+        if pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+            return
+        size, origin = pretrained_cfg.input_size[1:], f"{timm_name}'s default input size"
+    else:
+        origin = "kwargs img_size"
+    expected, given = _size_pair(size, where), tuple(data_config["input_size"][1:])
+    if given != expected:
+        raise ModelError(
+            f"{where}: data_config input_size {given[0]}×{given[1]} does not match {origin} "
+            f"{expected[0]}×{expected[1]}; make them agree"
+        )
+
+
 def _spec_from_card(source: str, card_path: Path, checkpoint: str | None) -> ModelSpec:
     card = _read_card(card_path)
     where = f"model card {card_path}"
     _check_card_fields(card, where)
-    _normalize_data_config(card["data_config"], where)  # before timm's resolver, which only asserts
+    data_config = _normalize_data_config(card["data_config"], where)  # before timm's resolver, which only asserts
+    check_input_size(card["timm_name"], card.get("kwargs", {}), data_config, where)
     if checkpoint is None and card.get("checkpoint") is not None:
         checkpoint = _absolute_checkpoint(card_path.parent / card["checkpoint"], where)
     return ModelSpec(

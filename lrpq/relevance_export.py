@@ -1,14 +1,13 @@
 """Relevance report on disk: scores.json, scores.csv, importance.png and heatmap_<k>.png.
 
 The report is built in a hidden sibling directory and renamed into place only when every file is
-written, so a failure (bad heat map, full disk, Ctrl-C) never leaves a half-written report behind.
+written (``lrpq.outputs.staged_dir``), so a failure (bad heat map, full disk, Ctrl-C, SIGTERM) never
+leaves a half-written report behind, and an existing report is never replaced.
 Figures use matplotlib's object API with the Agg canvas, so no global backend is switched.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,11 +19,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from lrpq.config import BitPlan
+from lrpq.outputs import staged_dir
 from lrpq.relevance import LayerScores, RelevanceError
 
 ImageLike = torch.Tensor | Image.Image | np.ndarray
 MapLike = torch.Tensor | np.ndarray
 HEATMAP_ALPHA = 0.5
+REPORT_KIND = "relevance report"  # how errors about the report folder name it
 
 
 def _short_name(name: str, block: str) -> str:
@@ -129,32 +130,33 @@ def save_heatmap_grid(
     _save(figure, Path(path))
 
 
+def write_report_files(
+    folder: Path,
+    scores: LayerScores,
+    plan: BitPlan | None = None,
+    heatmaps: Iterable[tuple[ImageLike, MapLike, str]] = (),
+) -> None:
+    """Write scores.json, scores.csv, importance.png and heatmap_<k>.png into ``folder`` (a staging folder).
+
+    ``heatmaps`` holds (unnormalised image tensor or PIL image, (H, W) map in [0, 1], title).
+    """
+    scores.save(folder / "scores.json")
+    scores.save_csv(folder / "scores.csv")
+    plot_importance(scores, folder / "importance.png", plan)
+    for index, (image, heat, title) in enumerate(heatmaps):
+        save_heatmap(image, {"relevance": heat}, folder / f"heatmap_{index}.png", title)
+
+
 def write_relevance_report(
     scores: LayerScores,
     out_dir: str | Path,
     plan: BitPlan | None = None,
     heatmaps: Iterable[tuple[ImageLike, MapLike, str]] = (),
 ) -> Path:
-    """Write scores.json, scores.csv, importance.png and heatmap_<k>.png into a new ``out_dir``.
+    """Write the report files (``write_report_files``) into a new ``out_dir``, all of them or none.
 
-    ``heatmaps`` holds (unnormalised image tensor or PIL image, (H, W) map in [0, 1], title).
     An existing non-empty ``out_dir`` is refused rather than overwritten.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RelevanceError(f"{out} already exists and is not empty; choose a new report directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        scores.save(staging / "scores.json")
-        scores.save_csv(staging / "scores.csv")
-        plot_importance(scores, staging / "importance.png", plan)
-        for index, (image, heat, title) in enumerate(heatmaps):
-            save_heatmap(image, {"relevance": heat}, staging / f"heatmap_{index}.png", title)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    with staged_dir(out_dir, what=REPORT_KIND) as staging:
+        write_report_files(staging, scores, plan, heatmaps)
+    return Path(out_dir)

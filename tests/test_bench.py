@@ -1,14 +1,20 @@
-"""The fast paths the benchmark measures give exactly the reference values; the benchmark table."""
+"""The fast paths the benchmark measures give exactly the reference values; the benchmark table and its file."""
 
 from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_tiny, tiny_input
 
+from lrpq import bench
 from lrpq.api import quantize, set_mode
 from lrpq.bench import REPORTED, TARGETS, format_table
 from lrpq.config import QuantConfig
+from lrpq.outputs import OutputError
 from lrpq.primitives import (
     dequantize_log2,
     dequantize_log_sqrt2,
@@ -115,3 +121,29 @@ def test_table_marks_each_metric_against_its_target() -> None:
     assert rows["fakequant_throughput_ratio"][1:5] == ["0.800", "ok", "0.400", "NO"]
     assert rows["w4_size_ratio"][1:5] == ["0.130", "ok", "0.300", "NO"]
     assert rows["calibration_ratio"][1:5] == ["5.000", "ok", "5.000", "ok"]
+
+
+def bench_args(json_path: Path) -> argparse.Namespace:
+    return argparse.Namespace(models=["deit_s"], repeats=1, images=1, relevance_images=1, json=str(json_path))
+
+
+def test_json_is_checked_before_the_benchmark_and_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ratios = dict.fromkeys([*TARGETS, *REPORTED], 1.0)
+    calls = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *args: calls.append(args) or {"deit_s": ratios})
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputError, match="Not a directory"):
+        bench.run_from_args(bench_args(tmp_path / "file" / "bench.json"))
+    assert calls == []  # refused before hours of benchmarking
+
+    monkeypatch.setattr(bench, "format_table", lambda _: 1 / 0)  # fails after the measurements
+    with pytest.raises(ZeroDivisionError):
+        bench.run_from_args(bench_args(tmp_path / "bench.json"))
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]  # no half-written file, no staging file
+    monkeypatch.undo()
+    monkeypatch.setattr(bench, "run_benchmark", lambda *args: {"deit_s": ratios})
+    assert bench.run_from_args(bench_args(tmp_path / "bench.json")) == 0
+    assert json.loads((tmp_path / "bench.json").read_text()) == {"deit_s": ratios}
+    assert "deit_s" in capsys.readouterr().out

@@ -8,6 +8,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from lrpq.models import build_model, resolve_model
 from lrpq.quantizers import QuantMode
 from lrpq.runs import load_run
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog"]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 2}
 DATA_CONFIG = {
@@ -486,3 +493,281 @@ def test_a_model_without_supported_attention_is_one_error(
     status, _, err = run_cli(args, capsys)
     assert_one_error_line(status, err, "ResNet has no supported attention")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- outputs: nothing of the user's deleted, checked first
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a command builds a model or loads calibration images: it had to stop before."""
+
+    def fail(*_: object, **__: object) -> None:
+        pytest.fail("the command did work before refusing its output path")
+
+    for name in ("build_model", "_calibration_images", "load_run", "evaluate"):
+        monkeypatch.setattr(f"lrpq.cli.{name}", fail)
+
+
+def hidden_entries(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    ("out", "reason"),
+    [
+        (".", "the current directory"),
+        ("..", "a parent of the current directory"),
+        ("HOME", "your home directory"),
+        ("REPO", "a repository root"),
+    ],
+)
+def test_out_holding_the_users_work_is_refused_with_overwrite(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_work: None,
+    out: str,
+    reason: str,
+) -> None:
+    cwd, home, repo = tmp_path / "work", tmp_path / "home", tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    for folder in (cwd, home, repo):
+        folder.mkdir(exist_ok=True)
+        (folder / "mine.txt").write_text("mine")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    out = {"HOME": str(home), "REPO": str(repo)}.get(out, out)
+    status, _, err = run_cli(quantize_args(workspace, "--out", out, "--overwrite"), capsys)
+    assert_one_error_line(status, err, out, reason)
+    for folder in (tmp_path, cwd, home, repo):  # nothing deleted, nothing hidden left
+        assert hidden_entries(folder) == ([".git"] if folder == repo else [])
+    assert all((folder / "mine.txt").read_text() == "mine" for folder in (cwd, home, repo))
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None
+) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"mine")
+    status, _, err = run_cli(quantize_args(workspace, "--out", out, "--overwrite"), capsys)
+    assert_one_error_line(status, err, str(out), "is not a run directory", "--overwrite only replaces")
+    assert [path.name for path in out.iterdir()] == ["holiday.jpg"]
+    assert [path.name for path in tmp_path.iterdir()] == ["photos"]
+
+
+def test_out_that_is_a_file_fails_before_calibration(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None
+) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    status, _, err = run_cli(quantize_args(workspace, "--out", out, "--overwrite"), capsys)
+    assert_one_error_line(status, err, str(out), "is an existing file")
+    assert out.read_text() == "mine"
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_unwritable_out_fails_before_calibration(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_work: None,
+) -> None:
+    (tmp_path / "file").write_text("mine")
+    status, _, err = run_cli(quantize_args(workspace, "--out", tmp_path / "file" / "run"), capsys)
+    assert_one_error_line(status, err, "cannot write", "Not a directory")
+
+    def read_only(*_: object, **__: object) -> None:  # what a read-only folder does, even to root
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr("lrpq.outputs.tempfile.mkdtemp", read_only)
+    status, _, err = run_cli(quantize_args(workspace, "--out", tmp_path / "ro" / "a" / "run"), capsys)
+    assert_one_error_line(status, err, "cannot write", "Permission denied")
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]  # ro/a made for the staging folder: removed
+
+
+def test_interrupted_quantize_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def ctrl_c(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lrpq.cli.quantize", ctrl_c)
+    status, _, err = run_cli(quantize_args(workspace, "--out", tmp_path / "runs" / "run"), capsys)
+    assert status == 130
+    assert err == "lrpq quantize: interrupted\n"
+    assert list(tmp_path.iterdir()) == []  # neither the staging folder nor runs/
+
+
+def test_overwrite_replaces_an_earlier_run(
+    happy_path: dict[str, object], tmp_path: Path, workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = Path(shutil.copytree(happy_path["run"], tmp_path / "run"))
+    status, _, err = run_cli(quantize_args(workspace, "--seed", "1", "--out", run), capsys)
+    assert_one_error_line(status, err, "already exists", "--overwrite")
+    status, _, err = run_cli(quantize_args(workspace, "--seed", "1", "--out", run, "--overwrite"), capsys)
+    assert status == 0, err
+    assert json.loads((run / "summary.json").read_text())["seed"] == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
+
+
+def test_card_whose_input_size_the_model_rejects(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = json.loads(workspace["card"].read_text())
+    card["data_config"] = {**DATA_CONFIG, "input_size": [3, 48, 48]}
+    card["checkpoint"] = str(workspace["root"] / "tiny.safetensors")
+    (tmp_path / "card48.json").write_text(json.dumps(card))
+    args = quantize_args(workspace, "--out", tmp_path / "run")
+    args[1] = tmp_path / "card48.json"
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, "card48.json", "input_size 48×48 does not match kwargs img_size 32×32")
+    assert [path.name for path in tmp_path.iterdir()] == ["card48.json"]
+
+
+def edit_run_config(run: Path, section: str, key: str, value: object) -> None:
+    payload = json.loads((run / "config.json").read_text())
+    payload[section][key] = value
+    (run / "config.json").write_text(json.dumps(payload))
+
+
+def wrong_shape(run: Path) -> None:
+    state = load_file(run / "model.safetensors")
+    state["head.weight"] = torch.zeros(2, 47)
+    save_file(state, str(run / "model.safetensors"))
+
+
+RUN_DAMAGES = {
+    "truncated model": (lambda run: (run / "model.safetensors").write_bytes(b"\x10"), "model.safetensors is damaged"),
+    "empty model": (lambda run: (run / "model.safetensors").write_bytes(b""), "model.safetensors is damaged"),
+    "garbage config": (lambda run: (run / "config.json").write_text("garbage"), "config.json is damaged"),
+    "empty config": (lambda run: (run / "config.json").write_text("{}"), "config.json is damaged"),
+    "wrong shape": (wrong_shape, "model.safetensors: head.weight is float32 (2, 47)"),
+    "model deleted": (lambda run: (run / "model.safetensors").unlink(), "damaged run directory: model.safetensors"),
+    "wbits edited": (lambda run: edit_run_config(run, "quant", "wbits", 3), "config.json gives quantizer"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(RUN_DAMAGES))
+def test_eval_of_a_damaged_run_is_one_error_naming_the_file(
+    happy_path: dict[str, object],
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:
+    change, message = RUN_DAMAGES[damage]
+    run = Path(shutil.copytree(happy_path["run"], tmp_path / "run"))
+    change(run)
+    status, out, err = run_cli(["eval", run, "--data", workspace["data"], "--json", tmp_path / "r.json"], capsys)
+    line = assert_one_error_line(status, err, message)
+    assert "unknown model" not in line and "top-1" not in out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no result, no staging file
+
+
+def test_eval_json_is_checked_first_and_written_whole(
+    happy_path: dict[str, object], workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = tmp_path / "result.json"
+    result.write_text("previous result")
+    status, _, err = run_cli(["eval", happy_path["run"], "--data", tmp_path / "absent", "--json", result], capsys)
+    assert_one_error_line(status, err, "does not exist")
+    assert result.read_text() == "previous result"  # a failed evaluation keeps the old file
+    assert [path.name for path in tmp_path.iterdir()] == ["result.json"]
+    status, _, err = run_cli(["eval", happy_path["run"], "--data", workspace["data"], "--json", result], capsys)
+    assert status == 0, err
+    assert json.loads(result.read_text())["n"] == 8
+    assert [path.name for path in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("json_path", ["folder", "under_a_file"])
+def test_eval_json_that_cannot_be_written_fails_before_evaluating(
+    happy_path: dict[str, object],
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_work: None,
+    json_path: str,
+) -> None:
+    (tmp_path / "file").write_text("mine")
+    target = tmp_path if json_path == "folder" else tmp_path / "file" / "result.json"
+    status, _, err = run_cli(["eval", happy_path["run"], "--data", workspace["data"], "--json", target], capsys)
+    assert_one_error_line(status, err, str(target))
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.parametrize("existing", ["file", "folder"])
+def test_relevance_out_that_exists_fails_before_any_work(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: None, existing: str
+) -> None:
+    out = tmp_path / "report"
+    if existing == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    status, _, err = run_cli(["relevance", workspace["card"], "--data", workspace["data"], "--out", out], capsys)
+    assert_one_error_line(status, err, str(out))
+    assert [path.name for path in tmp_path.iterdir()] == ["report"]
+
+
+# The final save of a quantize run made slow, so that a signal arrives while it writes (a partial file).
+SLOW_SAVE = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent may have started us with Ctrl-C ignored
+import lrpq.runs
+from lrpq.cli import main
+
+save_packed = lrpq.runs.save_packed
+
+def slow_save_packed(model, path):
+    save_packed(model, path)
+    path.write_bytes(path.read_bytes()[:100])
+    print("saving", flush=True)
+    time.sleep(120)
+
+lrpq.runs.save_packed = slow_save_packed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_during_the_final_save_keeps_the_old_run_and_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path, signum: int, status: int, line: str
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"model": {}, "quant": {}}')
+    (out / "model.safetensors").write_bytes(b"the old run")
+    argv = [str(arg) for arg in quantize_args(workspace, "--out", out, "--overwrite")]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"},
+    )
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
+    try:
+        assert process.stdout.readline() == "saving\n"
+        assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".run.")]  # staging, mid-save
+        process.send_signal(signum)
+        _, stderr = process.communicate()
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == f"lrpq quantize: {line}"
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]  # no hidden staging folder
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the old run"

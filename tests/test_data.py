@@ -1,10 +1,11 @@
-"""Image listing, labels, corrupt-image skipping, seeded calibration draws and the committed lists."""
+"""Image listing, labels, image modes, corrupt-image skipping, seeded calibration draws and the committed lists."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,6 +20,7 @@ from lrpq.data import (
     load_calibration_images,
     make_loader,
     read_calibration_list,
+    to_rgb,
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -196,3 +198,68 @@ def test_committed_calibration_lists_match_a_fresh_draw(dataset: str) -> None:
     committed = read_calibration_list(REPO / "calib" / f"{dataset}_seed0_n32.txt", data)
     assert committed == draw_calibration_set(data, 32, 0)
     assert len(committed) == 32
+
+
+def gradient_16bit(path: Path) -> np.ndarray:
+    """An 8×8 grayscale image whose 64 pixels climb from 0 to 65535, saved as a 16-bit PNG."""
+    values = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"  # what PIL reads a 16-bit grayscale PNG as
+    return values
+
+
+def expected_normalised(values: np.ndarray) -> torch.Tensor:
+    """CONFIG's normalisation (mean = std = 0.5) of the 8-bit grey levels ``round(v / 257)``, on 3 channels."""
+    grey = torch.from_numpy(np.round(values / 257.0)).float() / 255.0
+    return ((grey - 0.5) / 0.5).expand(3, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(mode: str) -> None:
+    values = (np.arange(256, dtype=np.int64) * 257).reshape(16, 16)  # every 8-bit level widened to 16 bits
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
+    image = Image.frombytes(mode, (16, 16), values.astype(dtype).tobytes())
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    assert (rgb == np.arange(256).reshape(16, 16, 1)).all()  # each level comes back exactly, on all channels
+
+
+def test_16_bit_png_through_the_evaluation_and_calibration_loaders(tmp_path: Path) -> None:
+    values = gradient_16bit(tmp_path / "grey" / "cls" / "gradient.png")
+    expected = expected_normalised(values)
+    loader = make_loader(tmp_path / "grey", CONFIG, classes=None, num_classes=1, batch_size=1)
+    (evaluated, _), *_ = list(loader)
+    calibrated = load_calibration_images([tmp_path / "grey" / "cls" / "gradient.png"], CONFIG)
+    for batch in (evaluated, calibrated):
+        torch.testing.assert_close(batch[0], expected, atol=1e-6, rtol=0)
+        flat = batch[0, 0].flatten()
+        assert flat[0] == -1.0 and flat[-1] == 1.0  # 0 → black, 65535 → white
+        assert (flat.diff() > 0).all()  # monotone: the gradient survives, not a white image
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "rgb"),
+    [
+        ("RGB", (10, 20, 30), (10, 20, 30)),
+        ("L", 77, (77, 77, 77)),
+        ("LA", (77, 255), (77, 77, 77)),
+        ("RGBA", (10, 20, 30, 128), (10, 20, 30)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("1", 1, (255, 255, 255)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 32896, (128, 128, 128)),  # 128 · 257
+    ],
+)
+def test_every_mode_becomes_the_rgb_it_shows(mode: str, colour: object, rgb: tuple[int, int, int]) -> None:
+    image = Image.new(mode, (2, 2), colour)
+    assert tuple(np.asarray(to_rgb(image))[0, 0]) == rgb
+
+
+def test_palette_images_keep_their_colours() -> None:
+    image = Image.new("RGB", (2, 1), (200, 10, 10))
+    image.putpixel((1, 0), (10, 10, 200))
+    palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    assert palette.mode == "P"
+    assert np.asarray(to_rgb(palette)).tolist() == [[[200, 10, 10], [10, 10, 200]]]

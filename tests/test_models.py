@@ -98,6 +98,37 @@ def test_invalid_card_fields_are_named(tmp_path: Path, overrides: dict, match: s
         resolve_model(str(write_card(tmp_path, **overrides)))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "input_size", "message"),
+    [
+        (TINY_KWARGS, [3, 24, 24], "input_size 24×24 does not match kwargs img_size 16×16"),
+        ({**TINY_KWARGS, "img_size": [16, 32]}, [3, 16, 16], "input_size 16×16 does not match kwargs img_size 16×32"),
+        (
+            {key: value for key, value in TINY_KWARGS.items() if key != "img_size"},
+            [3, 16, 16],
+            "input_size 16×16 does not match vit_tiny_patch16_224's default input size 224×224",
+        ),
+        ({**TINY_KWARGS, "img_size": "big"}, [3, 16, 16], "img_size='big' must be an integer or [H, W]"),
+    ],
+)
+def test_card_input_size_must_match_the_model(tmp_path: Path, kwargs: dict, input_size: list, message: str) -> None:
+    card = write_card(tmp_path, kwargs=kwargs, data_config={**TINY_DATA, "input_size": input_size})
+    with pytest.raises(ModelError, match=re.escape(message)) as info:
+        resolve_model(str(card))
+    assert str(info.value).startswith(f"model card {card}") and "\n" not in str(info.value)
+
+
+def test_card_input_size_agreeing_with_the_model_in_either_form(tmp_path: Path) -> None:
+    rectangular = {**TINY_KWARGS, "img_size": [16, 32]}
+    card = write_card(tmp_path, kwargs=rectangular, data_config={**TINY_DATA, "input_size": [3, 16, 32]})
+    assert resolve_model(str(card)).data_config["input_size"] == (3, 16, 32)
+    dynamic = {**TINY_KWARGS, "dynamic_img_size": True}  # takes any size
+    card = write_card(tmp_path, kwargs=dynamic, data_config={**TINY_DATA, "input_size": [3, 24, 24]})
+    assert resolve_model(str(card)).data_config["input_size"] == (3, 24, 24)
+    convnet = write_card(tmp_path, timm_name="test_resnet", kwargs={"num_classes": 4})  # no fixed input size
+    assert resolve_model(str(convnet)).data_config["input_size"] == (3, 16, 16)
+
+
 def test_card_checkpoint_is_relative_to_the_card_and_cast_to_float32(tmp_path: Path) -> None:
     state = tiny_state()
     save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
@@ -191,3 +222,14 @@ def test_shared_ref_a_builds_with_the_file_weights() -> None:
         torch.testing.assert_close(actual[key], value.float(), rtol=0, atol=0)
     assert not model.training
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@needs_shared
+def test_a_shared_card_with_another_input_size_is_refused(tmp_path: Path) -> None:
+    card = json.loads((SHARED / "models" / "vit_cifar10.json").read_text())
+    card["data_config"]["input_size"] = [3, 64, 64]
+    card["checkpoint"] = str(SHARED / "models" / card["checkpoint"])
+    path = tmp_path / "vit_cifar10_64.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="input_size 64×64 does not match kwargs img_size 32×32"):
+        resolve_model(str(path))

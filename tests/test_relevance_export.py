@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from lrpq.config import BitPlan, LayerBits
+from lrpq.outputs import OutputError
 from lrpq.relevance import LayerScores, RelevanceError
 from lrpq.relevance_export import plot_importance, save_heatmap, save_heatmap_grid, write_relevance_report
 
@@ -63,12 +65,20 @@ def test_failure_leaves_no_report_and_no_staging_directory(tmp_path: Path) -> No
     with pytest.raises(RelevanceError, match="heat map"):
         write_relevance_report(_scores(), tmp_path / "report", heatmaps=[(torch.rand(3, 8, 8), bad_heat, "")])
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C half way: nothing either
+        write_relevance_report(_scores(), tmp_path / "report", heatmaps=_interrupted())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted() -> Iterator[tuple[torch.Tensor, np.ndarray, str]]:
+    yield torch.rand(3, 8, 8), np.ones((8, 8)), "first"
+    raise KeyboardInterrupt
 
 
 def test_existing_report_is_not_overwritten_but_an_empty_directory_is_used(tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(RelevanceError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         write_relevance_report(_scores(), tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
