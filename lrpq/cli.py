@@ -18,14 +18,20 @@ from types import FrameType
 import torch
 
 from lrpq import bench
+from lrpq.allocation.budget import BUDGETS, layer_costs, plan_cost, target_cost
 from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
-from lrpq.allocation.noise_measurement import (
-    DEFAULT_NOISE_IMAGES,
-    SENSITIVITY_ALLOCATOR,
-    measure_layer_noise,
-    plan_from_noise,
+from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES
+from lrpq.allocation.plans import (
+    ALLOCATORS,
+    DEFAULT_ALLOCATOR,
+    DEFAULT_RELEVANCE_WEIGHT,
+    NOISE_METHODS,
+    RELEVANCE_ALLOCATORS,
+    check_request,
+    default_budget,
+    mixed_plan,
 )
-from lrpq.allocation.solvers import ALLOCATORS, weighted_mean_bits
+from lrpq.allocation.solvers import ALLOCATORS as RELEVANCE_RULES
 from lrpq.api import quant_layers, quantize
 from lrpq.config import FOLDED_GRIDS, RANGE_METRICS, BitPlan, QuantConfig
 from lrpq.data import (
@@ -38,7 +44,7 @@ from lrpq.data import (
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
-from lrpq.modules import QuantConv2d, QuantLinear
+from lrpq.modules import QuantConv2d
 from lrpq.outputs import staged_dir, staged_file
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import REPORT_KIND, write_report_files
@@ -46,7 +52,6 @@ from lrpq.runs import effective_plan, has_run_files, load_run, staged_run_dir, w
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's convention
-FRACTIONAL_ALLOCATORS = ("exact", SENSITIVITY_ALLOCATOR)  # the budgeted ones: any mean within the widths
 
 
 def _bits(text: str) -> int | float:
@@ -67,16 +72,13 @@ def _widths(args: argparse.Namespace, wbits: float, abits: float) -> tuple[int, 
     return widths_for(wbits, abits, tuple(args.widths) if args.widths else None)
 
 
-def _targets(args: argparse.Namespace, budgeted: Sequence[str], how: str) -> tuple[int | float, int | float]:
-    """--wbits and --abits (which defaults to --wbits) as mean bits.
-
-    A fractional mean needs one of the ``budgeted`` allocators; ``how`` tells the user how to ask for one.
-    """
+def _targets(args: argparse.Namespace) -> tuple[int | float, int | float]:
+    """--wbits and --abits (which defaults to --wbits) as mean bits; a fractional mean needs --mixed."""
     targets = args.wbits, args.abits if args.abits is not None else args.wbits
     fractional = [bits for bits in targets if not float(bits).is_integer()]
-    if fractional and args.allocator not in budgeted:
+    if fractional and not getattr(args, "mixed", True):
         raise LrpqError(
-            f"{fractional[0]} bits is a mean no single width has: pass {how} to spread it over the layers, "
+            f"{fractional[0]} bits is a mean no single width has: pass --mixed to spread it over the layers, "
             "or use whole bits"
         )
     return targets
@@ -119,12 +121,10 @@ def _calibration_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tens
     return load_calibration_images(paths, spec.data_config)
 
 
-def _layer_scores(args: argparse.Namespace, spec: ModelSpec, model: torch.nn.Module) -> LayerScores:
-    """Scores from --scores, or computed on --relevance-images images of the calibration folder."""
-    if args.scores:
-        return LayerScores.load(args.scores)
+def _relevance_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
+    """--relevance-images images of the calibration folder (drawn with --seed), for the relevance allocators."""
     paths = draw_calibration_set(_image_folder(args), args.relevance_images, args.seed)
-    return compute_layer_scores(model, load_calibration_images(paths, spec.data_config))
+    return load_calibration_images(paths, spec.data_config)
 
 
 def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> QuantConfig:
@@ -153,28 +153,27 @@ def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -
     return Path("runs") / f"{name}-w{wbits}a{abits}{'-mixed' if mixed else ''}"
 
 
-def _budget_summary(model: torch.nn.Module, config: QuantConfig) -> dict[str, float]:
-    """Mean bits as the paper counts them (per layer) and weight bits weighted by parameter count."""
-    plan = effective_plan(model, config)
-    weighted_layers = {
-        name: layer for name, layer in quant_layers(model).items() if isinstance(layer, QuantLinear | QuantConv2d)
-    }
-    weighted_plan = BitPlan({name: plan.layers[name] for name in weighted_layers})
-    counts = {name: layer.weight.numel() for name, layer in weighted_layers.items()}
-    return {
-        "mean_wbits": round(weighted_plan.mean_bits("wbits"), 4),
-        "mean_abits": round(plan.mean_bits("abits"), 4),
-        "param_weighted_wbits": round(weighted_mean_bits(weighted_plan, counts), 4),
-    }
+def _cost_summary(
+    model: torch.nn.Module, config: QuantConfig, targets: tuple[float, float], image_size: tuple[int, ...]
+) -> dict[str, float]:
+    """The plan's cost all three ways (layer means, size, BOPs) over every quantized layer, against the
+    fixed-bit plan at the target widths (the patch embedding's input at ``conv_abits`` in both)."""
+    costs = layer_costs(model, image_size)
+    convs = [name for name, layer in quant_layers(model).items() if isinstance(layer, QuantConv2d)]
+    pinned = {name: config.conv_abits for name in convs if config.conv_abits is not None}
+    return plan_cost(effective_plan(model, config), costs).to_json_dict(target_cost(costs, targets, pinned))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
-    if args.widths and not args.mixed:
-        raise LrpqError("--widths bounds the widths of a mixed plan: pass it with --mixed")
-    budgeted = FRACTIONAL_ALLOCATORS if args.mixed else ()
-    wbits, abits = _targets(args, budgeted, f"--mixed --allocator {' or '.join(FRACTIONAL_ALLOCATORS)}")
+    for flag in ("widths", "budget", "scores"):
+        if getattr(args, flag) and not args.mixed:
+            raise LrpqError(f"--{flag} shapes a mixed plan: pass it with --mixed")
+    wbits, abits = _targets(args)
+    budget = args.budget or default_budget(args.allocator)
+    if args.mixed:
+        check_request(args.allocator, budget, wbits, abits)
     widths = _widths(args, wbits, abits) if args.mixed else None
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
@@ -186,15 +185,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calib = _calibration_images(args, spec)
         model = build_model(spec)
         started = time.perf_counter()
-        scores = noise = None
-        if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
-            noise = measure_layer_noise(model, config, calib, widths, images=min(args.noise_images, calib.shape[0]))
-            config = config.with_plan(plan_from_noise(noise, wbits=wbits, abits=abits))
-        elif args.mixed:
-            scores = _layer_scores(args, spec, model)
-            config = config.with_plan(
-                plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
+        mixed = None
+        if args.mixed:
+            relevance = args.allocator in RELEVANCE_ALLOCATORS and not args.scores
+            mixed = mixed_plan(
+                model,
+                config,
+                calib,
+                allocator=args.allocator,
+                budget=budget,
+                wbits=wbits,
+                abits=abits,
+                widths=widths,
+                relevance_images=_relevance_images(args, spec) if relevance else None,
+                scores=LayerScores.load(args.scores) if args.scores else None,
+                noise_images=args.noise_images,
+                noise_method=args.noise_method,
+                relevance_weight=args.relevance_weight,
             )
+            config = config.with_plan(mixed.plan)
         quantize(model, config, calib, batch_size=args.batch_size)
         summary = {
             "model": spec.source,
@@ -215,17 +224,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calibration_batch_size": args.batch_size,
             "seed": args.seed,
             "calibration_seconds": round(time.perf_counter() - started, 2),
-            **_budget_summary(model, config),
+            **_cost_summary(model, config, (wbits, abits), tuple(calib.shape[1:])),
         }
-        if args.mixed:
-            summary |= {"allocator": args.allocator, "target_wbits": wbits, "target_abits": abits, "widths": widths}
-        if scores is not None:
-            summary["relevance_images"] = scores.num_images
-            scores.save(staging / "scores.json")
-            scores.save_csv(staging / "scores.csv")
-        if noise is not None:
-            summary["noise_images"] = noise.num_images
-            noise.save(staging / "noise.json")
+        if mixed is not None:
+            summary |= {"allocator": mixed.allocator, "budget": mixed.budget, "target_wbits": wbits}
+            summary |= {"target_abits": abits, "widths": widths}
+            if mixed.allocator == "relevance":
+                summary["relevance_weight"] = args.relevance_weight
+            if mixed.scores is not None:
+                summary["relevance_images"] = mixed.scores.num_images
+                mixed.scores.save(staging / "scores.json")
+                mixed.scores.save_csv(staging / "scores.csv")
+            if mixed.noise is not None:
+                summary |= {"noise_images": mixed.noise.num_images, "noise_method": args.noise_method}
+                mixed.noise.save(staging / "noise.json")
         write_run(staging, model, spec, config, summary)
     print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out_dir}")
     return 0
@@ -295,7 +307,12 @@ def _heat_map(model: torch.nn.Module, image: torch.Tensor, method: str) -> torch
 
 
 def cmd_relevance(args: argparse.Namespace) -> int:
-    wbits, abits = _targets(args, ("exact",), "--allocator exact")
+    wbits, abits = _targets(args)
+    fractional = [bits for bits in (wbits, abits) if not float(bits).is_integer()]
+    if args.allocator == "paper" and fractional:
+        raise LrpqError(
+            f"{fractional[0]} bits is a mean the paper rule cannot reach (it moves whole bits); use --allocator exact"
+        )
     widths = _widths(args, wbits, abits)
     spec = resolve_model(args.model, args.checkpoint)
     with staged_dir(args.out, what=REPORT_KIND) as staging:  # --out is checked and usable before any work
@@ -407,18 +424,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mixed", action="store_true", help="choose per-layer bits (mean = W/A bits) by --allocator")
     q.add_argument(
         "--allocator",
-        choices=(*ALLOCATORS, SENSITIVITY_ALLOCATOR),
-        default="paper",
-        help="from relevance: the paper rule or the exact budgeted solver; sensitivity: from each layer's "
-        "measured logit noise at every width (one calibration per width)",
+        choices=ALLOCATORS,
+        default=DEFAULT_ALLOCATOR,
+        help="how --mixed chooses widths: relevance (measured noise weighted by LRP relevance), sensitivity "
+        "(measured noise), exact (relevance alone, solved exactly), paper (LRP-QViT's rule); "
+        f"default {DEFAULT_ALLOCATOR}",
+    )
+    q.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        help="what a mixed plan may not exceed, the fixed-bit plan's: layers (mean width), size (weight bits "
+        "per parameter) or bops (bit-operations, and size); default bops (layers for the paper rule)",
     )
     _add_widths_argument(q)
     q.add_argument(
         "--noise-images",
         type=_positive_int,
         default=DEFAULT_NOISE_IMAGES,
-        help=f"calibration images the sensitivity allocator measures on (default {DEFAULT_NOISE_IMAGES}, "
+        help=f"calibration images the layer noise is measured on (default {DEFAULT_NOISE_IMAGES}, "
         "at most the calibration set)",
+    )
+    q.add_argument(
+        "--noise-method",
+        choices=NOISE_METHODS,
+        default="estimate",
+        help="layer noise to first order in one sweep (estimate), or one forward per layer and width (exact, slow)",
+    )
+    q.add_argument(
+        "--relevance-weight",
+        type=float,
+        default=DEFAULT_RELEVANCE_WEIGHT,
+        help=f"γ of the relevance allocator: a layer's noise counts (relevance share / mean)^γ times "
+        f"(default {DEFAULT_RELEVANCE_WEIGHT}; 0 is the sensitivity allocator)",
     )
     q.add_argument(
         "--relevance-images",
@@ -455,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--wbits", type=_bits, default=4, help="mean weight bits of the plan drawn on the chart")
     r.add_argument("--abits", type=_bits, help="mean activation bits of the plan (default: --wbits)")
-    r.add_argument("--allocator", choices=ALLOCATORS, default="paper")
+    r.add_argument("--allocator", choices=RELEVANCE_RULES, default="paper")
     _add_widths_argument(r)
     r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")

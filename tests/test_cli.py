@@ -346,40 +346,54 @@ def mixed_w4_run(
     return out, json.loads((out / "bits.json").read_text())["layers"]
 
 
-def test_mixed_run_writes_scores_and_a_plan_at_the_budget(
+def test_mixed_run_writes_scores_and_a_plan_at_the_layer_budget(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, bits = mixed_w4_run(workspace, capsys, "mixed", "--allocator", "exact", "--relevance-images", "4")
+    out, bits = mixed_w4_run(
+        workspace, capsys, "mixed", "--allocator", "exact", "--budget", "layers", "--relevance-images", "4"
+    )
     allocated = {layer: bits[layer] for layer in bits if layer.startswith("blocks.")}  # relevance plans blocks
     assert sum(layer["abits"] for layer in allocated.values()) == 4 * len(allocated)
     assert {"scores.json", "scores.csv", "bits.json"} <= {path.name for path in out.iterdir()}
     assert len({layer["abits"] for layer in allocated.values()}) > 1  # mixed, not uniform
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["allocator"] == "exact" and summary["relevance_images"] == 4
+    assert summary["allocator"] == "exact" and summary["budget"] == "layers" and summary["relevance_images"] == 4
 
 
-def test_sensitivity_allocator_run_writes_the_measured_noise_and_a_plan_at_the_budget(
-    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("allocator", ["sensitivity", "relevance"])
+def test_default_budget_holds_a_measured_plan_to_the_fixed_size_and_bops(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], allocator: str
 ) -> None:
-    out, bits = mixed_w4_run(workspace, capsys, "sensitivity", "--allocator", "sensitivity", "--noise-images", "2")
+    extra = ("--allocator", allocator, "--noise-images", "2", "--relevance-images", "2")
+    out, bits = mixed_w4_run(workspace, capsys, f"measured-{allocator}", *extra)
     names = {path.name for path in out.iterdir()}
-    assert {"noise.json", "bits.json"} <= names and "scores.json" not in names
+    assert {"noise.json", "bits.json"} <= names and ("scores.json" in names) == (allocator == "relevance")
     noise = json.loads((out / "noise.json").read_text())
     assert noise["num_images"] == 2 and set(noise["noise"]) == set(bits)  # every quantized layer
-    allocated = [layer["abits"] for name, layer in bits.items() if name not in noise["pinned_abits"]]
-    assert sum(allocated) == 4 * len(allocated) and "head" in bits
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["allocator"] == "sensitivity" and summary["noise_images"] == 2
+    assert summary["allocator"] == allocator and summary["budget"] == "bops" and summary["noise_images"] == 2
+    assert summary["size_vs_fixed"] <= 1.0 and summary["bops_vs_fixed"] <= 1.0
+    assert len({layer["abits"] for name, layer in bits.items() if name not in noise["pinned_abits"]}) > 1
 
 
 def test_paper_rule_on_a_two_block_model_is_an_infeasible_allocation(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = quantize_args(workspace, "--mixed", "--relevance-images", "2", "--out", workspace["root"] / "never")
+    args = quantize_args(
+        workspace, "--mixed", "--allocator", "paper", "--relevance-images", "2", "--out", workspace["root"] / "never"
+    )
     args[args.index("--wbits") + 1] = "4"
     status, _, err = run_cli(args, capsys)
     assert_one_error_line(status, err, "raised_blocks")
     assert not (workspace["root"] / "never").exists()
+
+
+def test_paper_rule_has_only_the_layer_budget(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = workspace["root"] / "never_paper_size"
+    args = quantize_args(workspace, "--mixed", "--allocator", "paper", "--budget", "size", "--out", out)
+    status, _, err = run_cli(args, capsys)
+    assert_one_error_line(status, err, "paper rule", "'size'")
+    assert not out.exists()
 
 
 def test_mixed_and_bit_plan_together_are_rejected(
@@ -416,15 +430,18 @@ def test_relevance_refuses_fractional_bits_for_the_paper_rule_before_any_work(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra", [(), ("--mixed",), ("--mixed", "--allocator", "paper")])
-def test_fractional_bits_need_a_budgeted_allocator(
-    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [((), ("3.5 bits", "--mixed")), (("--mixed", "--allocator", "paper"), ("3.5 bits", "paper rule"))],
+)
+def test_fractional_bits_need_a_budgeted_mixed_plan(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], named: tuple[str, ...]
 ) -> None:
     out = workspace["root"] / "never_fractional"
     args = quantize_args(workspace, *extra, "--out", out)
     args[args.index("--wbits") + 1] = "3.5"
     status, _, err = run_cli(args, capsys)
-    assert_one_error_line(status, err, "3.5 bits", "--mixed --allocator exact or sensitivity")
+    assert_one_error_line(status, err, *named)
     assert not out.exists()
 
 
@@ -432,7 +449,9 @@ def test_fractional_mean_bits_with_the_exact_allocator(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = workspace["root"] / "fractional"
-    args = quantize_args(workspace, "--mixed", "--allocator", "exact", "--relevance-images", "4", "--out", out)
+    args = quantize_args(
+        workspace, "--mixed", "--allocator", "exact", "--budget", "layers", "--relevance-images", "4", "--out", out
+    )
     args[args.index("--wbits") + 1] = "3.5"
     status, _, err = run_cli(args, capsys)
     assert status == 0, err
@@ -451,7 +470,10 @@ def test_fractional_mean_bits_with_the_exact_allocator(
     ("extra", "named"),
     [
         (("--widths", "3", "6"), ("--widths", "--mixed")),
-        (("--mixed", "--widths", "3", "6"), ("target=6 cannot be raised to 7", "widths=(3, 6)")),
+        (
+            ("--mixed", "--allocator", "paper", "--widths", "3", "6"),
+            ("target=6 cannot be raised to 7", "widths=(3, 6)"),
+        ),
         (("--mixed", "--allocator", "exact", "--widths", "4", "5"), ("target 6 bits", "allowed widths 4–5")),
         (("--mixed", "--allocator", "sensitivity", "--widths", "5", "9"), ("widths=(5, 9)",)),
     ],
