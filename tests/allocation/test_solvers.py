@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from lrpq.allocation.solvers import (
     AllocationError,
+    Option,
     exact_allocation,
+    least_noise,
     make_bit_plan,
     noise_allocation,
     paper_allocation,
@@ -376,3 +378,55 @@ def test_weighted_mean_bits_weights_by_parameter_count() -> None:
 
 def test_allocation_errors_are_user_errors() -> None:
     assert issubclass(AllocationError, LrpqError)
+
+
+# least_noise: the multiple-choice knapsack under any cost
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.floats(0.0, 10.0, allow_nan=False), st.integers(0, 40)), min_size=1, max_size=4),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, 120),
+)
+def test_least_noise_matches_brute_force_and_never_exceeds_the_budget(
+    layers: list[list[tuple[float, int]]], budget: int
+) -> None:
+    options = {
+        f"l{i}": [Option(bits, noise, cost) for bits, (noise, cost) in enumerate(choices)]
+        for i, choices in enumerate(layers)
+    }
+    feasible = [
+        combo
+        for combo in itertools.product(*(range(len(choices)) for choices in layers))
+        if sum(layers[i][j][1] for i, j in enumerate(combo)) <= budget
+    ]
+    if not feasible:
+        with pytest.raises(AllocationError, match="fits a budget"):
+            least_noise(options, budget)
+        return
+    chosen = least_noise(options, budget)
+    picked = [options[name][bits] for name, bits in chosen.items()]
+    assert sum(option.cost for option in picked) <= budget
+    best = min(sum(layers[i][j][0] for i, j in enumerate(combo)) for combo in feasible)
+    assert math.isclose(sum(option.noise for option in picked), best, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 10**7), min_size=2, max_size=6), st.integers(3, 5))
+def test_least_noise_holds_large_budgets_exactly_after_scaling(params: list[int], target: int) -> None:
+    """Sizes in the millions are scaled to budget units with costs rounded up: the true total stays within."""
+    options = {f"l{i}": [Option(b, 4.0**-b * (i + 1), p * b) for b in range(3, 7)] for i, p in enumerate(params)}
+    budget = target * sum(params)
+    chosen = least_noise(options, budget)
+    assert sum(params[i] * chosen[f"l{i}"] for i in range(len(params))) <= budget
+
+
+def test_least_noise_spends_all_of_an_exact_budget_or_says_it_cannot() -> None:
+    options = {"a": [Option(3, 1.0, 3), Option(4, 0.0, 4)], "b": [Option(3, 1.0, 3), Option(4, 0.5, 4)]}
+    assert least_noise(options, 7, spend_all=True) == {"a": 4, "b": 3}
+    with pytest.raises(AllocationError, match="fits a budget of 9"):
+        least_noise(options, 9, spend_all=True)

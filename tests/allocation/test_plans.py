@@ -1,0 +1,97 @@
+"""Mixed plans under every budget kind: the fixed plan's cost is never exceeded, and allocators compose."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import build_tiny, tiny_input
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lrpq.allocation.budget import LayerCost, plan_cost, target_cost
+from lrpq.allocation.plans import check_request, mixed_plan, plan_widths, relevance_weights
+from lrpq.allocation.solvers import AllocationError
+from lrpq.config import QuantConfig
+from lrpq.relevance import LayerScores
+
+WIDTHS = range(3, 7)
+
+
+@st.composite
+def layered_model(draw: st.DrawFn) -> tuple[dict[str, LayerCost], dict, dict, dict[str, int]]:
+    """Random layers (some weightless, one pinned) with random costs and noise curves."""
+    costs, weight_curves, input_curves = {}, {}, {}
+    for index in range(draw(st.integers(2, 8))):
+        name = f"l{index}"
+        weightless = draw(st.booleans()) and index > 0
+        costs[name] = LayerCost(0 if weightless else draw(st.integers(1, 5000)), draw(st.integers(1, 10**6)))
+        curve = sorted(draw(st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=4, max_size=4)), reverse=True)
+        input_curves[name] = dict(zip(WIDTHS, curve, strict=True))
+        if not weightless:
+            weight_curves[name] = dict(zip(WIDTHS, curve[::-1], strict=True))
+    pinned = {"l0": 8} if draw(st.booleans()) else {}
+    for name in pinned:
+        input_curves.pop(name)
+    return costs, weight_curves, input_curves, pinned
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(layered_model(), st.sampled_from(["layers", "size", "bops"]), st.sampled_from([3, 3.5, 4, 5.25, 6]))
+def test_every_budget_kind_is_met(model, budget: str, target: float) -> None:
+    costs, weight_curves, input_curves, pinned = model
+    plan = plan_widths(weight_curves, input_curves, (target, target), budget, costs, pinned)
+    assert set(plan.layers) == set(costs)
+    assert all(3 <= bits.abits <= 6 or name in pinned for name, bits in plan.layers.items())
+    cost, fixed = plan_cost(plan, costs), target_cost(costs, (target, target), pinned)
+    weighted = [name for name in costs if costs[name].params]
+    planned_inputs = [name for name in costs if name not in pinned]
+    if budget == "layers":  # the paper's budget: the unweighted means, exactly (the floor of a fractional one)
+        assert sum(plan.layers[name].wbits for name in weighted) == math.floor(target * len(weighted) + 1e-9)
+        assert sum(plan.layers[name].abits for name in planned_inputs) == math.floor(
+            target * len(planned_inputs) + 1e-9
+        )
+    else:
+        assert cost.weight_bits <= fixed.weight_bits + 1e-6  # never bigger than fixed bits
+    if budget == "bops":
+        assert cost.bops <= fixed.bops + 1e-6  # and never more compute
+
+
+def test_check_request_names_what_cannot_go_together() -> None:
+    with pytest.raises(AllocationError, match="allocator 'magic' is unknown"):
+        check_request("magic", "layers", 4, 4)
+    with pytest.raises(AllocationError, match="budget 'joules' is unknown"):
+        check_request("exact", "joules", 4, 4)
+    with pytest.raises(AllocationError, match=r"paper rule .* not 'bops'"):
+        check_request("paper", "bops", 4, 4)
+    with pytest.raises(AllocationError, match=r"3\.5 bits"):
+        check_request("paper", "layers", 3.5, 4)
+
+
+def test_relevance_weights_are_block_shares_over_their_mean_to_the_power_gamma() -> None:
+    scores = LayerScores(
+        {"patch_embed.proj": 5.0, "b.qkv": 1.0, "b.proj": 3.0, "head": 2.0},
+        {"patch_embed.proj": "patch_embed", "b.qkv": "b", "b.proj": "b", "head": "head"},
+        ["patch_embed", "b", "head"],
+        num_images=1,
+    )
+    names = ["patch_embed.proj", "b.qkv", "b.proj", "head"]
+    weights = relevance_weights(scores, names, 1.0)  # shares 0.25 and 0.75, mean 0.5
+    assert weights == {"patch_embed.proj": 1.0, "b.qkv": 0.5, "b.proj": 1.5, "head": 1.0}
+    assert relevance_weights(scores, names, 0.0) == dict.fromkeys(names, 1.0)
+    assert relevance_weights(scores, names, 0.5)["b.proj"] == pytest.approx(math.sqrt(1.5))
+
+
+def test_relevance_allocator_without_relevance_weight_is_the_sensitivity_allocator() -> None:
+    model, calib = build_tiny("vit"), tiny_input("vit", 4)
+    plans = {
+        allocator: mixed_plan(
+            model, QuantConfig(4, 4), calib, allocator=allocator, relevance_weight=0.0, noise_images=2, progress=False
+        )
+        for allocator in ("sensitivity", "relevance")
+    }
+    assert plans["relevance"].plan == plans["sensitivity"].plan
+    assert plans["relevance"].scores is not None and plans["sensitivity"].scores is None
+    for mixed in plans.values():  # the default budget: BOPs, and the fixed plan's size
+        assert mixed.budget == "bops"
+        assert mixed.cost.bops <= mixed.fixed_cost.bops and mixed.cost.weight_bits <= mixed.fixed_cost.weight_bits
