@@ -11,7 +11,8 @@ per (variant, draw) in ``--out`` and reused when their setting is unchanged, so 
         --variant "k=inf" '{"clip_k": null}' --variant "k=1" '{"clip_k": 1.0}' --variant "k=2" '{"clip_k": 2.0}'
 
 A variant is a JSON object of ``QuantConfig`` fields, plus optionally ``"mixed": {"allocator": ...,
-"budget": ...}`` for a mixed-precision plan at the target's mean bits (``lrpq.allocation.plans``).
+"budget": ...}`` (any keyword of ``lrpq.allocation.plans.mixed_plan``) for a mixed-precision plan at
+the target's mean bits; relevance scores and layer noise are computed once per draw and shared.
 """
 
 from __future__ import annotations
@@ -41,18 +42,50 @@ def _dev_batches(ref: Reference, batch_size: int, limit: int | None) -> list[tup
     return list(make_loader(ref.data / "dev", spec.data_config, spec.classes, num_classes, batch_size, limit))
 
 
-def _quantized(ref: Reference, variant: dict[str, Any], wbits: int, abits: int, draw: int) -> torch.nn.Module:
-    spec = resolve_model(str(ref.card))
-    calib = load_calibration_images(draw_calibration_set(ref.data / "calib", 32, draw), spec.data_config)
-    fields = {key: value for key, value in variant.items() if key != "mixed"}
-    config = dataclasses.replace(QuantConfig(wbits, abits), **fields)
-    torch.manual_seed(draw)
-    model = build_model(spec)
-    if "mixed" in variant:
-        from lrpq.allocation.plans import mixed_plan  # the allocator API, imported only when a variant asks
+class _Inputs:
+    """Per draw, what several variants share: the calibration images, relevance scores, layer noise."""
 
-        config = config.with_plan(mixed_plan(model, config, calib, **variant["mixed"], progress=False).plan)
-    return quantize(model, config, calib, progress=False)
+    def __init__(self, ref: Reference) -> None:
+        self.ref, self.spec = ref, resolve_model(str(ref.card))
+        self._calib: dict[int, torch.Tensor] = {}
+        self._scores: dict[int, object] = {}
+        self._noise: dict[tuple[int, str], object] = {}
+
+    def calib(self, draw: int) -> torch.Tensor:
+        if draw not in self._calib:
+            paths = draw_calibration_set(self.ref.data / "calib", 32, draw)
+            self._calib[draw] = load_calibration_images(paths, self.spec.data_config)
+        return self._calib[draw]
+
+    def quantized(self, variant: dict[str, Any], wbits: float, abits: float, draw: int) -> torch.nn.Module:
+        from lrpq.allocation.plans import NOISE_ALLOCATORS, RELEVANCE_ALLOCATORS, mixed_plan
+
+        fields = {key: value for key, value in variant.items() if key != "mixed"}
+        config = dataclasses.replace(QuantConfig(math.ceil(wbits), math.ceil(abits)), **fields)
+        torch.manual_seed(draw)
+        model = build_model(self.spec)
+        calib = self.calib(draw)
+        if "mixed" in variant:
+            mixed = dict(variant["mixed"])
+            allocator = mixed["allocator"]
+            noise_key = (draw, json.dumps(config.to_json_dict(), sort_keys=True), json.dumps(mixed.get("noise_method")))
+            plan = mixed_plan(
+                model,
+                config,
+                calib,
+                wbits=wbits,
+                abits=abits,
+                scores=self._scores.get(draw) if allocator in RELEVANCE_ALLOCATORS else None,
+                noise=self._noise.get(noise_key) if allocator in NOISE_ALLOCATORS else None,
+                progress=False,
+                **mixed,
+            )
+            if plan.scores is not None:
+                self._scores[draw] = plan.scores
+            if plan.noise is not None:
+                self._noise[noise_key] = plan.noise
+            config = config.with_plan(plan.plan)
+        return quantize(model, config, calib, progress=False)
 
 
 def _pack(correct: tuple[bool, ...]) -> str:
@@ -99,8 +132,8 @@ def summary(rows: dict[str, dict], variants: dict[str, dict], draws: list[int]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(REFERENCES), required=True)
-    parser.add_argument("--wbits", type=int, required=True)
-    parser.add_argument("--abits", type=int, required=True)
+    parser.add_argument("--wbits", type=float, required=True)
+    parser.add_argument("--abits", type=float, required=True)
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="calibration seeds (0: the fixed list)")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True)
     parser.add_argument("--limit", type=int, help="an evenly spaced subset of the dev folder")
@@ -111,6 +144,7 @@ def main() -> None:
     ref = REFERENCES[args.model]
     variants = {name: json.loads(text) for name, text in args.variant}
     rows = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    inputs = _Inputs(ref)
     dev = None
     for draw in args.draws:
         for name, variant in variants.items():
@@ -121,7 +155,7 @@ def main() -> None:
                 continue
             dev = dev if dev is not None else _dev_batches(ref, 100, args.limit)
             started = time.perf_counter()
-            model = _quantized(ref, variant, args.wbits, args.abits, draw)
+            model = inputs.quantized(variant, args.wbits, args.abits, draw)
             quantize_seconds = time.perf_counter() - started
             result: EvalResult = evaluate(model, dev, progress=False)
             rows[key] = {

@@ -159,6 +159,7 @@ def mixed_plan(
     widths: tuple[int, int] | None = None,
     relevance_images: torch.Tensor | None = None,
     scores: LayerScores | None = None,
+    noise: LayerNoise | None = None,
     noise_images: int = DEFAULT_NOISE_IMAGES,
     noise_method: str = "estimate",
     relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT,
@@ -168,7 +169,7 @@ def mixed_plan(
 
     ``relevance_images`` (default: ``calib``) are explained for the relevance allocators unless
     ``scores`` are given; the noise allocators estimate (or measure) on the first ``noise_images``
-    calibration images.
+    calibration images unless ``noise`` is given (e.g. shared by plans at several targets).
     """
     targets = (config.wbits if wbits is None else wbits, config.abits if abits is None else abits)
     budget = budget or default_budget(allocator)
@@ -179,10 +180,11 @@ def mixed_plan(
     costs = layer_costs(model, tuple(calib.shape[1:]))
     if allocator in RELEVANCE_ALLOCATORS and scores is None:
         scores = compute_layer_scores(model, calib if relevance_images is None else relevance_images, progress=progress)
-    noise = None
-    if allocator in NOISE_ALLOCATORS:
+    if allocator in NOISE_ALLOCATORS and noise is None:
         measure = estimate_layer_noise if noise_method == "estimate" else measure_layer_noise
         noise = measure(model, config, calib, widths, images=min(noise_images, calib.shape[0]), progress=progress)
+    if allocator not in NOISE_ALLOCATORS:
+        noise = None
     if allocator == "paper":
         plan = plan_from_scores(model, scores, wbits=targets[0], abits=targets[1], allocator="paper", widths=widths)
         pinned: dict[str, int] = {}
