@@ -52,7 +52,6 @@ class DistillFeatures:
 class FeatureShapes:
     """The widths a loss needs to size its learnable parts (student and teacher have the same ones)."""
 
-    num_classes: int
     embed_dim: int
     tokens: tuple[tuple[int, int], ...]  # (N, D) of each block's output
     num_images: int | None = None  # size of the calibration set, for CRD's memory
@@ -60,7 +59,6 @@ class FeatureShapes:
     @classmethod
     def of(cls, features: DistillFeatures, num_images: int | None = None) -> FeatureShapes:
         return cls(
-            num_classes=features.logits.shape[-1],
             embed_dim=features.embedding.shape[-1],
             tokens=tuple((t.shape[1], t.shape[2]) for t in features.tokens),
             num_images=num_images,

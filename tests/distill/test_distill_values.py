@@ -195,7 +195,7 @@ def test_crd_first_call_with_two_images_and_one_negative() -> None:
     # Unit embeddings e₀, e₁ on both sides; τ = 1. The memories start as the embeddings themselves.
     # Scores exp(v · M_j): positive e, negative 1; Z = 2 · mean(e, 1, e, 1) = e + 1; noise K/n = ½.
     # Each sample and side: −log(h₊ / (h₊ + ½)) − log(½ / (h₋ + ½)), h₊ = e/(e + 1), h₋ = 1/(e + 1).
-    shapes = FeatureShapes(num_classes=2, embed_dim=2, tokens=((1, 1),), num_images=2)
+    shapes = FeatureShapes(embed_dim=2, tokens=((1, 1),), num_images=2)
     loss = CRDLoss(shapes, temperature=1.0)
     features = embeddings_only([[1, 0], [0, 1]])
     features.index = torch.tensor([0, 1])
@@ -205,7 +205,7 @@ def test_crd_first_call_with_two_images_and_one_negative() -> None:
 
 
 def test_crd_memory_moves_halfway_to_the_new_embedding() -> None:
-    shapes = FeatureShapes(num_classes=2, embed_dim=2, tokens=((1, 1),), num_images=2)
+    shapes = FeatureShapes(embed_dim=2, tokens=((1, 1),), num_images=2)
     loss = CRDLoss(shapes)
     first = embeddings_only([[1, 0], [0, 1]])
     first.index = torch.tensor([0, 1])
