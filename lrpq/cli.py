@@ -18,7 +18,7 @@ from types import FrameType
 import torch
 
 from lrpq import bench
-from lrpq.allocation.budget import BUDGETS, layer_costs, plan_cost, target_cost
+from lrpq.allocation.budget import BUDGETS, quantized_model_cost
 from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
 from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES
 from lrpq.allocation.plans import (
@@ -32,7 +32,7 @@ from lrpq.allocation.plans import (
     mixed_plan,
 )
 from lrpq.allocation.solvers import ALLOCATORS as RELEVANCE_RULES
-from lrpq.api import quant_layers, quantize
+from lrpq.api import quantize
 from lrpq.config import FOLDED_GRIDS, RANGE_METRICS, BitPlan, QuantConfig
 from lrpq.data import (
     draw_calibration_set,
@@ -44,11 +44,10 @@ from lrpq.data import (
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
-from lrpq.modules import QuantConv2d
 from lrpq.outputs import staged_dir, staged_file
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import REPORT_KIND, write_report_files
-from lrpq.runs import effective_plan, has_run_files, load_run, staged_run_dir, write_run
+from lrpq.runs import has_run_files, load_run, staged_run_dir, write_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's convention
@@ -153,17 +152,6 @@ def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -
     return Path("runs") / f"{name}-w{wbits}a{abits}{'-mixed' if mixed else ''}"
 
 
-def _cost_summary(
-    model: torch.nn.Module, config: QuantConfig, targets: tuple[float, float], image_size: tuple[int, ...]
-) -> dict[str, float]:
-    """The plan's cost all three ways (layer means, size, BOPs) over every quantized layer, against the
-    fixed-bit plan at the target widths (the patch embedding's input at ``conv_abits`` in both)."""
-    costs = layer_costs(model, image_size)
-    convs = [name for name, layer in quant_layers(model).items() if isinstance(layer, QuantConv2d)]
-    pinned = {name: config.conv_abits for name in convs if config.conv_abits is not None}
-    return plan_cost(effective_plan(model, config), costs).to_json_dict(target_cost(costs, targets, pinned))
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
@@ -224,7 +212,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calibration_batch_size": args.batch_size,
             "seed": args.seed,
             "calibration_seconds": round(time.perf_counter() - started, 2),
-            **_cost_summary(model, config, (wbits, abits), tuple(calib.shape[1:])),
+            **quantized_model_cost(model, config, (wbits, abits), tuple(calib.shape[1:])),
         }
         if mixed is not None:
             summary |= {"allocator": mixed.allocator, "budget": mixed.budget, "target_wbits": wbits}

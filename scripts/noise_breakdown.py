@@ -1,6 +1,6 @@
 """Which quantization points cost a shared reference model its accuracy: logit SNR per group.
 
-Quantizes the reference model as ``results_table.py`` does (``--no-gptq``: nearest rounding), then
+Quantizes the reference model as ``results_table.py`` does (draw 0: the fixed list), then
 switches on one group of points at a time (``lrpq.noise_breakdown``) on images spread over the dev folder and
 prints each group's logit SNR against the same model with every quantizer off, worst first. Groups
 are point kinds across blocks (``mlp.fc2.input``, ``attn.matmul1.a`` …) or, with ``--by layer``, each
@@ -17,11 +17,11 @@ import json
 from pathlib import Path
 
 import torch
-from results_table import REFERENCES
+from measure import CALIBRATION_IMAGES, REFERENCES
 
 from lrpq import QuantConfig, quantize
 from lrpq.api import quantizers
-from lrpq.data import evenly_spaced, list_images, load_calibration_images, read_calibration_list
+from lrpq.data import draw_calibration_set, evenly_spaced, list_images, load_calibration_images
 from lrpq.models import build_model, resolve_model
 from lrpq.noise_breakdown import groups_by_kind, groups_by_layer, noise_breakdown
 
@@ -29,7 +29,7 @@ from lrpq.noise_breakdown import groups_by_kind, groups_by_layer, noise_breakdow
 def breakdown(label: str, config: QuantConfig, images: int, by: str) -> dict[str, float]:
     ref = REFERENCES[label]
     spec = resolve_model(str(ref.card))
-    calib = load_calibration_images(read_calibration_list(ref.calib_list, ref.data / "calib"), spec.data_config)
+    calib = load_calibration_images(draw_calibration_set(ref.data / "calib", CALIBRATION_IMAGES, 0), spec.data_config)
     dev = [path for path, _ in evenly_spaced(list_images(ref.data / "dev"), images)]
     torch.manual_seed(0)
     model = quantize(build_model(spec), config, calib)

@@ -134,3 +134,17 @@ def target_cost(
     the budget a mixed plan is held to. ``pinned`` inputs keep their width."""
     pinned = pinned or {}
     return _cost(costs, {name: (targets[0], pinned.get(name, targets[1])) for name in costs})
+
+
+def quantized_model_cost(
+    model: nn.Module, config: QuantConfig, targets: tuple[float, float], image_size: tuple[int, int, int]
+) -> dict[str, float]:
+    """A quantized model's cost all three ways over every quantized layer, with its size and BOPs as ratios
+    to the fixed-bit plan at mean widths ``targets`` (the patch embedding's input at ``conv_abits`` in both)."""
+    from lrpq.runs import effective_plan  # runs builds on the whole library; only this summary needs it
+
+    costs = layer_costs(model, image_size)
+    layers = quant_layers(model)
+    pinned = {name: config.conv_abits for name in costs if isinstance(layers[name], nn.Conv2d)}
+    pinned = {name: bits for name, bits in pinned.items() if bits is not None}
+    return plan_cost(effective_plan(model, config), costs).to_json_dict(target_cost(costs, targets, pinned))

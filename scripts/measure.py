@@ -1,0 +1,189 @@
+"""What the measurement scripts share: the reference models, calibration draws, and paired gaps over draws.
+
+A *row* is a label, mean-bits targets and a *variant*: a JSON object of ``QuantConfig`` fields, plus
+optionally ``"mixed": {...}`` (keywords of ``lrpq.allocation.plans.mixed_plan``: allocator, budget,
+relevance_weight …). Every row is quantized once per calibration draw (32 images drawn from the calib
+folder with that seed; seed 0 is the fixed list in ``calib/``) and evaluated on the whole dev folder,
+keeping each image's correctness, the plan's cost against fixed bits, and the time. Results are
+stored per ``label@draw`` and reused while their setting is unchanged, so a run resumes.
+
+A gap between two rows is averaged over the draws both have, with a paired 95 % interval over
+images: each image's correctness is averaged over the draws, and the interval is the mean per-image
+difference ± 1.96 standard errors (``lrpq.evaluate.PairedGap``'s, for one draw).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lrpq import QuantConfig, quantize
+from lrpq.allocation.budget import quantized_model_cost
+from lrpq.allocation.plans import NOISE_ALLOCATORS, RELEVANCE_ALLOCATORS, mixed_plan
+from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
+from lrpq.evaluate import Z_95, evaluate
+from lrpq.models import build_model, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CALIBRATION_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class Reference:
+    label: str
+    card: Path
+    data: Path
+
+
+REFERENCES = {
+    "ref-A": Reference("ref-A ViT CIFAR-10", SHARED / "models/vit_cifar10.json", SHARED / "data/cifar10"),
+    "ref-B": Reference(
+        "ref-B ViT-S/14 Imagenette", SHARED / "models/vits14_imagenette.json", SHARED / "data/imagenette"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """A measured configuration: float (``targets`` None) or quantized at mean widths ``targets``."""
+
+    label: str
+    targets: tuple[float, float] | None
+    variant: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def setting(self, draw: int, limit: int | None, threads: int) -> dict[str, Any]:
+        """What the stored result of this row and draw must have been measured with to be reused."""
+        targets = None if self.targets is None else list(self.targets)
+        return {"targets": targets, "variant": self.variant, "draw": draw, "limit": limit, "threads": threads}
+
+
+class Measurer:
+    """Quantizes and evaluates rows of one reference model, sharing per draw what rows have in common."""
+
+    def __init__(self, ref: Reference, limit: int | None, threads: int) -> None:
+        self.ref, self.limit, self.threads = ref, limit, threads
+        self.spec = resolve_model(str(ref.card))
+        self._calib: dict[int, torch.Tensor] = {}
+        self._shared: dict[tuple, Any] = {}  # (kind, draw, …) → relevance scores or layer noise
+        self._dev: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def dev(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The dev folder decoded once, so every row is evaluated on the same tensors."""
+        if self._dev is None:
+            classes = build_model(self.spec).num_classes
+            loader = make_loader(
+                self.ref.data / "dev", self.spec.data_config, self.spec.classes, classes, 100, self.limit
+            )
+            self._dev = list(loader)
+        return self._dev
+
+    def calib(self, draw: int) -> torch.Tensor:
+        if draw not in self._calib:
+            paths = draw_calibration_set(self.ref.data / "calib", CALIBRATION_IMAGES, draw)
+            self._calib[draw] = load_calibration_images(paths, self.spec.data_config)
+        return self._calib[draw]
+
+    def model(self, row: Row, draw: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The row's model for one draw, and what its plan costs (empty for fixed bits and float)."""
+        torch.manual_seed(draw)
+        model = build_model(self.spec)
+        if row.targets is None:
+            return model, {}
+        wbits, abits = row.targets
+        fields = {key: value for key, value in row.variant.items() if key != "mixed"}
+        config = dataclasses.replace(QuantConfig(math.ceil(wbits), math.ceil(abits)), **fields)
+        calib = self.calib(draw)
+        if "mixed" in row.variant:
+            mixed = dict(row.variant["mixed"])
+            allocator = mixed["allocator"]
+            noise_key = ("noise", draw, json.dumps(config.to_json_dict(), sort_keys=True), wbits, abits)
+            noise_key += (json.dumps({k: v for k, v in mixed.items() if k.startswith("noise")}, sort_keys=True),)
+            plan = mixed_plan(
+                model,
+                config,
+                calib,
+                wbits=wbits,
+                abits=abits,
+                scores=self._shared.get(("scores", draw)) if allocator in RELEVANCE_ALLOCATORS else None,
+                noise=self._shared.get(noise_key) if allocator in NOISE_ALLOCATORS else None,
+                progress=False,
+                **mixed,
+            )
+            if plan.scores is not None:
+                self._shared[("scores", draw)] = plan.scores
+            if plan.noise is not None:
+                self._shared[noise_key] = plan.noise
+            config = config.with_plan(plan.plan)
+        quantize(model, config, calib, progress=False)
+        return model, quantized_model_cost(model, config, (wbits, abits), tuple(calib.shape[1:]))
+
+    def measure(self, row: Row, draw: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        model, cost = self.model(row, draw)
+        seconds = time.perf_counter() - started
+        result = evaluate(model, self.dev(), progress=False)
+        return {
+            "top1": result.top1,
+            "n": result.n,
+            "correct": np.packbits(np.array(result.correct, dtype=bool)).tobytes().hex(),
+            "quantize_seconds": round(seconds, 1),
+            "cost": cost,
+            "setting": row.setting(draw, self.limit, self.threads),
+        }
+
+
+def run_rows(
+    ref: Reference, rows: list[Row], draws: list[int], path: Path, *, limit: int | None, threads: int, rerun: set[str]
+) -> dict[str, dict]:
+    """Measure every row on every draw not already stored in ``path`` with its setting (or named in ``rerun``)."""
+    torch.set_num_threads(threads)
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    measurer = Measurer(ref, limit, threads)
+    for draw in draws:
+        for row in rows:
+            key = f"{row.label}@{draw}"
+            if row.label not in rerun and stored.get(key, {}).get("setting") == row.setting(draw, limit, threads):
+                continue
+            stored[key] = measurer.measure(row, draw)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(stored, indent=1) + "\n")
+            print(f"{ref.label:<26} {key:<40} top-1 {stored[key]['top1']:6.2f}%", flush=True)
+    return stored
+
+
+def correctness(stored: dict[str, dict], label: str, draws: list[int]) -> np.ndarray | None:
+    """(draws, images) per-image correctness of ``label`` on ``draws``, or None unless all are stored."""
+    rows = [stored.get(f"{label}@{draw}") for draw in draws]
+    if not draws or any(row is None for row in rows):
+        return None
+    return np.array([np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), np.uint8))[: row["n"]] for row in rows])
+
+
+def mean_gap(model: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
+    """Mean top-1 gap in points over draws, with its paired 95 % interval over images."""
+    per_image = model.mean(0) - reference.mean(0)
+    half = Z_95 * per_image.std() / math.sqrt(per_image.size)
+    return 100 * per_image.mean(), 100 * (per_image.mean() - half), 100 * (per_image.mean() + half)
+
+
+def gap_cell(stored: dict[str, dict], label: str, reference: str, draws: list[int]) -> str:
+    """``label − reference`` over the draws both have, ``+1.23 (−0.40 … +2.86)``; – if none."""
+    shared = [d for d in draws if f"{label}@{d}" in stored and f"{reference}@{d}" in stored]
+    model, base = correctness(stored, label, shared), correctness(stored, reference, shared)
+    if model is None or base is None:
+        return "–"
+    gap = mean_gap(model, base)
+    return f"{gap[0]:+.2f} ({gap[1]:+.2f} … {gap[2]:+.2f})"
+
+
+def measured_draws(stored: dict[str, dict], label: str, draws: list[int]) -> list[int]:
+    return [draw for draw in draws if f"{label}@{draw}" in stored]
