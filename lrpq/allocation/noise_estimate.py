@@ -16,7 +16,7 @@ and the gradient of every logit at every point, each layer's noise ``‖J·e‖�
 * Noise of a layer's inputs at width ``b``: per image, ``Σ g ⊙ (Q_b(x) − x)`` over its input (both
   operands of a matmul); of its weight: ``Σ g_y ⊙ (x·(Q_b(W) − W)ᵀ)`` over its output. Squared, summed
   over images and logits, divided by the float logits' power: the same ratio the exact measurement
-  reports, so ``plan_from_noise`` and the solvers take either.
+  reports, so ``lrpq.allocation.plans`` takes either.
 
 Errors of different points are treated as adding up, as in the exact measurement; second-order
 terms are left out, which is what makes it one sweep instead of one pass per layer and width.

@@ -6,7 +6,7 @@ points), so relevance-driven plans lose to fixed bits there. Following Mix-QViT 
 2025), this measures the sensitivity directly: the model is calibrated once per width, and for every
 layer its weight, then its inputs, are quantized alone while all else stays float; the logit noise
 power relative to the float logits, on a few calibration images, is that layer's cost at that width.
-``lrpq.allocation.solvers.noise_allocation`` then spends the budget where it removes the most noise.
+``lrpq.allocation.plans`` then spends the budget where it removes the most noise.
 
 Every quantized layer is measured and allocated, the patch embedding and the head too: the budget is
 the mean width over the quantized layers, and on the reference ViT CIFAR-10 the 4-bit patch-embedding
@@ -32,14 +32,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.allocation.solvers import noise_allocation, placeholder_wbits
 from lrpq.api import input_quantizers, quant_layers, quantize
-from lrpq.config import BitPlan, LayerBits, QuantConfig
+from lrpq.config import BitPlan, QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.noise_breakdown import layer_points, only_quantizing
 
 DEFAULT_NOISE_IMAGES = 8
-SENSITIVITY_ALLOCATOR = "sensitivity"  # the CLI name of this allocator, beside lrpq.allocation.solvers.ALLOCATORS
 
 
 @dataclass
@@ -109,16 +107,3 @@ def measure_layer_noise(
             bar.update()
     bar.close()
     return LayerNoise(noise, images, pinned)
-
-
-def plan_from_noise(noise: LayerNoise, *, wbits: float, abits: float) -> BitPlan:
-    """Weight bits over the layers with weights and activation bits over the measured inputs, each at its mean.
-
-    The means may be fractional (3.5). Weightless layers (attention matmuls) get a placeholder weight
-    width, as in ``lrpq.allocation.solvers.make_bit_plan``; pinned inputs keep their width, outside the
-    activation budget.
-    """
-    weight_bits = noise_allocation(noise.curves("weight"), wbits)
-    activation_bits = noise_allocation(noise.curves("inputs"), abits) | noise.pinned_abits
-    unused = placeholder_wbits(wbits)
-    return BitPlan({name: LayerBits(weight_bits.get(name, unused), activation_bits[name]) for name in noise.noise})

@@ -335,23 +335,3 @@ def placeholder_wbits(target: float) -> int:
     ``mean_bits("wbits")`` over all its layers stays the target there.
     """
     return math.ceil(target)
-
-
-def weighted_mean_bits(plan: BitPlan, param_counts: Mapping[str, int]) -> float:
-    """Weight bits averaged by parameter count: the model's real weight storage per parameter.
-
-    The unweighted mean is the paper's budget, but an fc1 with 4x the parameters of a qkv costs 4x
-    the memory per bit. Plan layers absent from ``param_counts`` are taken to have no weights.
-    """
-    total = 0
-    weighted = 0
-    for name, count in param_counts.items():
-        if name not in plan.layers:
-            raise AllocationError(f"param_counts names {name!r}, which is not in the plan; use plan layers")
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-            raise AllocationError(f"param count of {name!r} is {count!r}; use an integer >= 0")
-        total += int(count)
-        weighted += int(count) * plan.layers[name].wbits
-    if total == 0:
-        raise AllocationError("param_counts sum to 0; give at least one plan layer a positive count")
-    return weighted / total

@@ -10,7 +10,9 @@ import torch
 from conftest import FAMILIES, build_tiny, reference_snrs, tiny_input
 from timm.layers import LayerScale
 
-from lrpq.allocation.noise_measurement import measure_layer_noise, plan_from_noise
+from lrpq.allocation.budget import layer_costs
+from lrpq.allocation.noise_measurement import LayerNoise, measure_layer_noise
+from lrpq.allocation.plans import plan_widths
 from lrpq.api import quant_layers, quantize
 from lrpq.config import QuantConfig
 from lrpq.data import draw_calibration_set, load_calibration_images
@@ -40,10 +42,18 @@ def test_every_quantized_layer_is_measured_at_every_width_and_more_bits_mean_les
             assert curve[3] > curve[6] >= 0, (name, kind, curve)  # 3 bits: ~64x the noise power of 6
 
 
-def test_plan_from_noise_meets_both_budgets_and_gives_the_noisiest_points_more_bits() -> None:
+def layer_plan(noise: LayerNoise, model: torch.nn.Module, image_size: tuple[int, int, int], bits: int):
+    """The measured plan at the paper's layer budget (both means exactly ``bits``)."""
+    costs = layer_costs(model, image_size)
+    return plan_widths(
+        noise.curves("weight"), noise.curves("inputs"), (bits, bits), "layers", costs, noise.pinned_abits
+    )
+
+
+def test_measured_plan_meets_both_budgets_and_gives_the_noisiest_points_more_bits() -> None:
     model = build_tiny("vit")
     noise = measure_layer_noise(model, QuantConfig(4, 4), tiny_input("vit", 4), (3, 6), images=2, progress=False)
-    plan = plan_from_noise(noise, wbits=4, abits=4)
+    plan = layer_plan(noise, model, (3, 32, 32), 4)
     assert list(plan.layers) == list(noise.noise)
     weighted = [name for name in plan.layers if "weight" in noise.noise[name]]
     assert sum(plan.layers[name].wbits for name in weighted) == 4 * len(weighted)
@@ -80,8 +90,9 @@ def test_reference_vit_sensitivity_plan_lowers_w4a4_logit_noise(shared_dir: Path
     calib = load_calibration_images(
         draw_calibration_set(shared_dir / "data" / "cifar10" / "calib", 8, 0), spec.data_config
     )
-    noise = measure_layer_noise(build_model(spec), QuantConfig(4, 4), calib, (3, 6), progress=False)
-    plan = plan_from_noise(noise, wbits=4, abits=4)
+    model = build_model(spec)
+    noise = measure_layer_noise(model, QuantConfig(4, 4), calib, (3, 6), progress=False)
+    plan = layer_plan(noise, model, tuple(calib.shape[1:]), 4)
     configs = {"fixed": QuantConfig(4, 4), "measured": QuantConfig(4, 4).with_plan(plan)}
     snr = reference_snrs(shared_dir, "vit_cifar10", "cifar10", 8, 100, configs)
     assert snr["measured"] > snr["fixed"] + 1.5, snr  # 30% less noise power at least

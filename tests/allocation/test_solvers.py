@@ -20,9 +20,8 @@ from lrpq.allocation.solvers import (
     noise_allocation,
     paper_allocation,
     relative_importance,
-    weighted_mean_bits,
 )
-from lrpq.config import BitPlan, LayerBits
+from lrpq.config import BitPlan
 from lrpq.errors import LrpqError
 
 VIT_LAYERS = ("attn.qkv", "attn.matmul1", "attn.matmul2", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -308,7 +307,7 @@ def test_exact_rejects_bad_relevance_and_weights() -> None:
         exact_allocation({"a": 1.0, "b": 0.5}, 4, weights={"a": math.inf, "b": 1.0})
 
 
-# make_bit_plan and weighted_mean_bits
+# make_bit_plan
 
 
 @pytest.mark.parametrize("allocator", ["paper", "exact"])
@@ -362,18 +361,6 @@ def test_exact_plan_at_fractional_targets_spends_the_floor_of_the_budget() -> No
     assert sum(bits.abits for bits in plan.layers.values()) == 127  # floor(4.25 · 30 = 127.5)
     assert {plan.layers[n].wbits for n in block_of if n not in weight_layers} == {4}  # placeholder: 3.5 rounded up
     assert all(3 <= bits.wbits <= 6 and 3 <= bits.abits <= 6 for bits in plan.layers.values())
-
-
-def test_weighted_mean_bits_weights_by_parameter_count() -> None:
-    plan = BitPlan({"qkv": LayerBits(5, 4), "matmul1": LayerBits(4, 4), "fc1": LayerBits(3, 4)})
-    assert weighted_mean_bits(plan, {"qkv": 100, "fc1": 300}) == pytest.approx((5 * 100 + 3 * 300) / 400)
-    assert plan.mean_bits("wbits") == 4
-    with pytest.raises(AllocationError, match="'head', which is not in the plan"):
-        weighted_mean_bits(plan, {"head": 10})
-    with pytest.raises(AllocationError, match="param count of 'qkv' is -1"):
-        weighted_mean_bits(plan, {"qkv": -1})
-    with pytest.raises(AllocationError, match="param_counts sum to 0"):
-        weighted_mean_bits(plan, {"matmul1": 0})
 
 
 def test_allocation_errors_are_user_errors() -> None:
