@@ -224,8 +224,9 @@ def _reparameterize(
         _run(model, calib, batch_size, run, "channel stats", progress)
 
     def factors(sink: str) -> FoldFactors:
+        """CRL clips the post-LayerNorm channel grids, as LRP-QViT defines it; the post-GELU fold is unclipped."""
         scale, zero_point = observers[sink].qparams()
-        return layerwise_fold_factors(scale, zero_point, config.clip_k)
+        return layerwise_fold_factors(scale, zero_point, config.clip_k if sink in region_sinks else None)
 
     folds = {name: factors(name) for name in sinks}
     for region in regions:

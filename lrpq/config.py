@@ -98,8 +98,9 @@ class QuantConfig:
     defaults. ``ln_reparam`` turns on RepQ-ViT's post-LayerNorm reparameterization (the channel fold
     into the LayerNorm affine and the next Linear), ``post_gelu_reparam`` the same channel fold for
     the input of ``mlp.fc2`` (held at that layer's input, see ``lrpq.reparam``). ``clip_k`` is CRL's
-    clipping width for both folds: channel scales and zero points held within mean ± k·std (``None``:
-    no clipping, RepQ-ViT's fold). ``folded_grid`` is the per-tensor grid of a folded activation:
+    clipping width for the post-LayerNorm fold, the activations LRP-QViT defines it for: channel
+    scales and zero points held within mean ± k·std (``None``: no clipping, RepQ-ViT's fold; the
+    post-GELU fold is never clipped). ``folded_grid`` is the per-tensor grid of a folded activation:
     ``"target"``, the grid the (clipped) channel factors map every channel onto, as RepQ-ViT and CRL
     define it, so CRL's outlier channels are clipped by it; ``"refit"``, a percentile search on the
     folded activation, which lets those outliers widen the grid again (lrpq's earlier behaviour, kept
