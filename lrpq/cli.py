@@ -33,8 +33,11 @@ from lrpq.data import (
 )
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
+from lrpq.export import PACKED_FILE
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d, QuantLinear
+from lrpq.prune.cli import add_prune_parser
+from lrpq.prune.cost import model_cost
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import write_relevance_report
 from lrpq.runs import check_writable, effective_plan, is_run_dir, load_run, save_run
@@ -166,6 +169,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_writable(out_dir, args.overwrite)
     calib = _calibration_images(args, spec)
     model = build_model(spec)
+    cost = model_cost(model, spec.data_config["input_size"])  # of the float (possibly pruned) model
     started = time.perf_counter()
     scores = noise = None
     if args.mixed and args.allocator == SENSITIVITY_ALLOCATOR:
@@ -196,6 +200,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "calibration_seconds": round(time.perf_counter() - started, 2),
         **_budget_summary(model, config),
+        **cost.to_json_dict(),
     }
     if args.mixed:
         summary |= {"allocator": args.allocator, "target_wbits": wbits, "target_abits": abits, "widths": widths}
@@ -212,7 +217,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             noise.save(folder / "noise.json")
 
     out = save_run(out_dir, model, spec, config, summary, overwrite=args.overwrite, extra_files=write_scores)
-    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out}")
+    packed = (out / PACKED_FILE).stat().st_size
+    print(
+        f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s: "
+        f"{cost.params / 1e6:.2f} M params, {cost.flops / 1e9:.3f} G FLOPs, packed {packed} bytes → {out}"
+    )
     return 0
 
 
@@ -422,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")
     r.set_defaults(func=cmd_relevance)
+
+    add_prune_parser(commands)
 
     b = commands.add_parser("bench", help="calibration, relevance, inference, memory and size as ratios to float")
     bench.add_arguments(b)

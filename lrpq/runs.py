@@ -90,6 +90,7 @@ def save_run(
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / MODEL_FILE))
         save_packed(model, staging / PACKED_FILE)
+        summary = {**summary, "packed_bytes": (staging / PACKED_FILE).stat().st_size}
         payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict()}
         (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         plan = effective_plan(model, config)
