@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lrpq.api import quantize
 from lrpq.config import QuantConfig
-from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.models import ModelError, ModelSpec, build_model, resolve_model
 from lrpq.prune.pipeline import PruneConfig, PruneError, prune
 from lrpq.prune.run_dir import save_pruned_run
 from lrpq.prune.structure import PrunedStructure, apply_structure, prunable_blocks
@@ -96,6 +96,16 @@ def test_saved_pruned_card_reloads_to_the_same_model(family: str, tmp_path: Path
         model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
         assert torch.equal(model.eval()(x), expected)
     assert spec.to_json_dict() == ModelSpec.from_json_dict(spec.to_json_dict()).to_json_dict()
+
+
+def test_a_card_with_a_broken_structure_is_named(tmp_path: Path) -> None:
+    _, result = pruned_tiny("vit", recovery=False)
+    out, _ = save_pruned_run(tmp_path / "run", result, spec_for("vit"))
+    card = json.loads((out / "model.json").read_text())
+    card["pruning"]["blocks"]["blocks.0"]["heads"] = [5]
+    (out / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=r"model\.json: pruning: .*below 2"):
+        resolve_model(str(out))
 
 
 def test_pruning_a_pruned_card_composes_the_structures(tmp_path: Path) -> None:
