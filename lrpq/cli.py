@@ -45,6 +45,9 @@ from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.outputs import staged_dir, staged_file
+from lrpq.prune.cli import add_prune_parser
+from lrpq.prune.cost import model_cost
+from lrpq.prune.run_dir import is_pruned_run
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import REPORT_KIND, write_report_files
 from lrpq.runs import has_run_files, load_run, staged_run_dir, write_run
@@ -172,6 +175,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     with staged_run_dir(out_dir, args.overwrite) as staging:
         calib = _calibration_images(args, spec)
         model = build_model(spec)
+        cost = model_cost(model, spec.data_config["input_size"])  # of the float (possibly pruned) model
         started = time.perf_counter()
         mixed = None
         if args.mixed:
@@ -213,6 +217,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "calibration_seconds": round(time.perf_counter() - started, 2),
             **quantized_model_cost(model, config, (wbits, abits), tuple(calib.shape[1:])),
+            **cost.to_json_dict(),
         }
         if mixed is not None:
             summary |= {"allocator": mixed.allocator, "budget": mixed.budget, "target_wbits": wbits}
@@ -226,8 +231,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if mixed.noise is not None:
                 summary |= {"noise_images": mixed.noise.num_images, "noise_method": args.noise_method}
                 mixed.noise.save(staging / "noise.json")
-        write_run(staging, model, spec, config, summary)
-    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out_dir}")
+        summary = write_run(staging, model, spec, config, summary)
+    print(
+        f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s, "
+        f"packed {summary['packed_bytes']} bytes → {out_dir}"
+    )
     return 0
 
 
@@ -259,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> dict[str, object]:
     """Evaluate (or compare against float) as ``lrpq eval`` asks, print the result and return it as JSON."""
-    if has_run_files(args.model):  # a damaged run is named as one, not looked up as a model name
+    if has_run_files(args.model) and not is_pruned_run(args.model):  # a damaged run is named as one, not a model
         model, spec, _ = load_run(args.model)
     elif args.against_float:
         raise LrpqError(
@@ -486,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")
     r.set_defaults(func=cmd_relevance)
+
+    add_prune_parser(commands)
 
     b = commands.add_parser("bench", help="calibration, relevance, inference, memory and size as ratios to float")
     bench.add_arguments(b)

@@ -22,6 +22,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from lrpq.errors import LrpqError
+from lrpq.prune.structure import PrunedStructure, apply_structure
 
 ALIASES: dict[str, str] = {
     "vit_s": "vit_small_patch16_224",
@@ -35,6 +36,7 @@ ALIASES: dict[str, str] = {
 }
 
 CARD_REQUIRED_DATA_KEYS = ("input_size", "mean", "std")
+PRUNED_CARD = "model.json"  # the card in a pruned run directory (``lrpq prune``), found when given the folder
 MAX_LISTED_KEYS = 3
 SUGGEST_CUTOFF = 0.6
 
@@ -54,6 +56,7 @@ class ModelSpec:
     data_config: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
     pretrained: bool = False
+    pruning: dict[str, Any] | None = None  # lrpq.prune.structure.PrunedStructure as JSON, applied before loading
 
     def __post_init__(self) -> None:
         # Normalise here so a spec read back from JSON compares equal to the one that was saved.
@@ -152,6 +155,11 @@ def _check_card_fields(card: Mapping[str, Any], where: str) -> None:
     classes = card.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ModelError(f"{where}: classes must be a list of class folder names in label order")
+    if card.get("pruning") is not None:
+        try:
+            PrunedStructure.from_json_dict(card["pruning"])
+        except LrpqError as err:
+            raise ModelError(f"{where}: pruning: {err}") from None
 
 
 def _size_pair(size: Any, where: str) -> tuple[int, int]:
@@ -203,6 +211,7 @@ def _spec_from_card(source: str, card_path: Path, checkpoint: str | None) -> Mod
         data_config=_default_data_config(card["timm_name"], card["data_config"]),
         classes=card.get("classes"),
         pretrained=checkpoint is None,
+        pruning=card.get("pruning"),
     )
 
 
@@ -214,6 +223,8 @@ def resolve_model(name: str, checkpoint: str | None = None) -> ModelSpec:
     """Resolve an alias, timm name or model-card path; an explicit checkpoint overrides the card's."""
     if checkpoint is not None:
         checkpoint = _absolute_checkpoint(checkpoint, f"model {name}")
+    if (Path(name) / PRUNED_CARD).is_file():  # a pruned run directory stands for its card
+        return _spec_from_card(name, (Path(name) / PRUNED_CARD).expanduser().resolve(), checkpoint)
     if _looks_like_card(name):
         return _spec_from_card(name, Path(name).expanduser().resolve(), checkpoint)
     timm_name = ALIASES.get(name, name)
@@ -284,8 +295,10 @@ def _mismatch_summary(model: nn.Module, state: Mapping[str, Any]) -> str:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Create the timm model in eval mode and load the spec's checkpoint strictly, in float32."""
+    """Create the timm model (cut to the spec's pruning) in eval mode; load the checkpoint strictly, in float32."""
     model = _create(spec)
+    if spec.pruning is not None:
+        apply_structure(model, PrunedStructure.from_json_dict(spec.pruning))
     if spec.checkpoint is not None:
         state = load_state_dict_file(spec.checkpoint)
         try:

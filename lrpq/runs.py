@@ -93,18 +93,25 @@ def effective_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
     return BitPlan(plan)
 
 
-def write_run(folder: Path, model: nn.Module, spec: ModelSpec, config: QuantConfig, summary: dict[str, Any]) -> None:
-    """Write the files of a run directory into ``folder`` (a staging folder: see ``staged_run_dir``)."""
+def write_run(
+    folder: Path, model: nn.Module, spec: ModelSpec, config: QuantConfig, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the files of a run directory into ``folder`` (a staging folder: see ``staged_run_dir``).
+
+    Returns the summary as written: ``summary`` and the packed file's size in bytes.
+    """
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     bits = {name: quantizer.bits for name, quantizer in quantizers(model).items()}
     save_file(state, str(folder / MODEL_FILE), metadata={BITS_METADATA_KEY: json.dumps(bits)})
     save_packed(model, folder / PACKED_FILE)
+    summary = {**summary, "packed_bytes": (folder / PACKED_FILE).stat().st_size}
     payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict()}
     (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     plan = effective_plan(model, config)
     plan.save(folder / BITS_FILE)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (folder / "summary.txt").write_text(format_summary(summary, plan))
+    return summary
 
 
 def save_run(

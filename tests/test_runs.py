@@ -76,6 +76,7 @@ def test_save_run_writes_a_complete_run_directory(tmp_path: Path) -> None:
         "model": "tiny-vit",
         "wbits": 6,
         "note": {"nested": "skipped in summary.txt"},
+        "packed_bytes": (out / "model.packed.safetensors").stat().st_size,  # added by save_run
     }
     text = (out / "summary.txt").read_text()
     assert "nested" not in text
@@ -187,7 +188,8 @@ def test_save_run_failure_and_existing_folder(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="already exists"):
         save_run(tmp_path / "run", model, spec, QuantConfig(), {})
     save_run(tmp_path / "run", model, spec, QuantConfig(), {"again": 1}, overwrite=True)
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"again": 1}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == {"again": 1, "packed_bytes": summary["packed_bytes"]}
 
 
 def test_load_run_names_a_model_file_from_another_lrpq(tmp_path: Path) -> None:
