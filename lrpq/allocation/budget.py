@@ -24,6 +24,7 @@ from torch import nn
 from lrpq.api import prepare, quant_layers
 from lrpq.config import BitPlan, QuantConfig
 from lrpq.modules import QuantMatMul
+from lrpq.runs import effective_plan
 
 BUDGETS = ("layers", "size", "bops")
 
@@ -141,8 +142,6 @@ def quantized_model_cost(
 ) -> dict[str, float]:
     """A quantized model's cost all three ways over every quantized layer, with its size and BOPs as ratios
     to the fixed-bit plan at mean widths ``targets`` (the patch embedding's input at ``conv_abits`` in both)."""
-    from lrpq.runs import effective_plan  # runs builds on the whole library; only this summary needs it
-
     costs = layer_costs(model, image_size)
     layers = quant_layers(model)
     pinned = {name: config.conv_abits for name in costs if isinstance(layers[name], nn.Conv2d)}
