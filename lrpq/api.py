@@ -291,7 +291,7 @@ def quantize(
     for layer in weighted.values():
         layer.weight_quantizer.calibrate_from(layer.weight)
     rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
-    moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
+    moments = {name: SecondMoment(layer.in_features, layer.weight.device) for name, layer in rounded.items()}
     gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
     points = activation_quantizers(model)
     if config.range_metric == "output":
@@ -300,9 +300,10 @@ def quantize(
         mode, calibration_run = QuantMode.OBSERVE_QUANT if config.calibrate_on_quantized else QuantMode.OBSERVE, run
     with calibration(points, mode), observe_inputs(gptq_inputs, moments):
         _run(model, calib, batch_size, calibration_run, "calibration", progress)
-    for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
+    for name in tqdm(list(moments), desc="gptq", disable=not progress, leave=False):
         weight, grid = rounded[name].weight, rounded[name].weight_quantizer
-        grid.hold_rounding(weight, gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
+        h = moments.pop(name).matrix  # each matrix is freed as soon as its layer is rounded
+        grid.hold_rounding(weight, gptq_round(weight, h, grid.scale, grid.zero_point, grid.bits))
     convert(model)
     if corrected:
         with correcting_biases(corrected, float_means):
