@@ -5,7 +5,8 @@ observe post-LN and post-GELU activations channel-wise and key ranges → fold C
 factors into LayerNorm (or the sink's input reparameterization) and sink, centre the keys
 (``reparam``) → calibrate weights on the folded values → observe every activation quantizer →
 ``convert`` (log√2 → log2) → QUANT; with ``config.gptq`` the same pass also collects every
-Linear's input second moments, and GPTQ rounds the weights on their grids. ``prepare`` followed by
+Linear's input second moments, and GPTQ rounds each layer's weights on their grid as soon as its
+last batch has passed it (``lrpq.gptq.StreamingRounding``). ``prepare`` followed by
 ``convert`` builds the same module tree without data, which is how a saved run is loaded back.
 """
 
@@ -22,7 +23,7 @@ from lrpq.bias_correction import correcting_biases, output_means
 from lrpq.calibrate import calibration, channel_observers, observe_inputs, observe_outputs
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
-from lrpq.gptq import SecondMoment, gptq_round
+from lrpq.gptq import StreamingRounding
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
 from lrpq.observers import ChannelRange
 from lrpq.output_weighted_ranges import output_gradient_runner
@@ -62,7 +63,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             sink.input_owned = True  # a region's norm output feeds only its sink
     if config.post_gelu_reparam or config.rotate_hidden:
         for sink in find_activation_sinks(model):
-            model.get_submodule(sink).add_input_reparam(rotate=config.rotate_hidden)
+            layer = model.get_submodule(sink)
+            layer.add_input_reparam(rotate=config.rotate_hidden)
+            layer.input_owned = True  # an activation region's output feeds only its sink
     if config.center_keys:
         for attention in shiftable_attentions(model).values():
             ensure_bias(attention.qkv)
@@ -291,19 +294,22 @@ def quantize(
     for layer in weighted.values():
         layer.weight_quantizer.calibrate_from(layer.weight)
     rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
-    moments = {name: SecondMoment(layer.in_features, layer.weight.device) for name, layer in rounded.items()}
-    gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
+    batches = len(_batches(calib, batch_size))
+    roundings = {
+        name: StreamingRounding(name, layer.weight, layer.weight_quantizer, batches) for name, layer in rounded.items()
+    }
+    gptq_inputs = {name: rounded[name].input_quantizer for name in roundings}  # what F.linear reads
     points = activation_quantizers(model)
     if config.range_metric == "output":
         mode, calibration_run = QuantMode.OBSERVE_WEIGHTED, output_gradient_runner()
     else:
         mode, calibration_run = QuantMode.OBSERVE_QUANT if config.calibrate_on_quantized else QuantMode.OBSERVE, run
-    with calibration(points, mode), observe_inputs(gptq_inputs, moments):
+    with calibration(points, mode), observe_inputs(gptq_inputs, roundings):
         _run(model, calib, batch_size, calibration_run, "calibration", progress)
-    for name in tqdm(list(moments), desc="gptq", disable=not progress, leave=False):
-        weight, grid = rounded[name].weight, rounded[name].weight_quantizer
-        h = moments.pop(name).matrix  # each matrix is freed as soon as its layer is rounded
-        grid.hold_rounding(weight, gptq_round(weight, h, grid.scale, grid.zero_point, grid.bits))
+    for name, rounding in roundings.items():  # held only now, so the pass saw every weight at its nearest level
+        offsets = rounding.finish()
+        if offsets is not None:
+            rounded[name].weight_quantizer.rounding_offset.copy_(offsets)
     convert(model)
     if corrected:
         with correcting_biases(corrected, float_means):

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
+
+from lrpq.errors import LrpqError
 
 # Diagonal damping as a fraction of the mean input power, GPTQ's default: it keeps H invertible for
 # dead or collinear channels without changing the solution where H is well conditioned.
@@ -45,6 +48,56 @@ class SecondMoment:
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # half precision would overflow
         self.matrix.add_(rows.T @ rows)  # one batch in (at least) float32, summed across batches in float64
         self.rows += len(rows)
+
+
+class WeightGrid(Protocol):
+    """What GPTQ reads of a weight quantizer (``lrpq.quantizers.WeightQuantizer``)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+
+    def rounding_offsets(self, weight: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor: ...
+
+
+class StreamingRounding:
+    """GPTQ of one layer within the calibration pass: ``XᵀX`` of its inputs, rounded once the last batch passed.
+
+    Holding every layer's matrix until the pass ends costs 12·(3·384² + 1536²)·8 B ≈ 270 MB on deit_s,
+    more than the pass itself needs. A layer's matrix is complete once the last of ``batches`` has
+    passed it, so the layer is rounded there and the matrix freed: with one calibration batch (the
+    default) a single matrix is alive at a time. The weight keeps its nearest rounding until the
+    caller applies ``finish()``'s offsets after the pass, so every later layer is calibrated exactly as
+    if all were rounded at the end. The layer must run once per batch, as every Linear of the
+    supported models does; a second call is refused rather than left out of a rounding already done.
+    """
+
+    def __init__(self, name: str, weight: torch.Tensor, grid: WeightGrid, batches: int) -> None:
+        self.name, self.weight, self.grid, self.batches = name, weight, grid, batches
+        self.moment: SecondMoment | None = None  # allocated on the first input, on its device
+        self.offsets: torch.Tensor | None = None
+        self.calls = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.offsets is not None:
+            raise LrpqError(
+                f"GPTQ: layer '{self.name}' ran more than once per calibration batch, after its rounding; "
+                "quantize with gptq=False (--no-gptq)"
+            )
+        if self.moment is None:
+            self.moment = SecondMoment(x.shape[-1], x.device)
+        self.moment.update(x)
+        self.calls += 1
+        if self.calls == self.batches:
+            self.finish()
+
+    def finish(self) -> torch.Tensor | None:
+        """The layer's GPTQ rounding offsets (rounding now if a batch never reached it); None if none did."""
+        if self.offsets is None and self.moment is not None:
+            grid = self.grid
+            rounded = gptq_round(self.weight, self.moment.matrix, grid.scale, grid.zero_point, grid.bits)
+            self.offsets, self.moment = grid.rounding_offsets(self.weight, rounded), None
+        return self.offsets
 
 
 def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:

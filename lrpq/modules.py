@@ -70,9 +70,10 @@ class QuantLinear(nn.Linear):
     """Linear with a per-tensor input quantizer and a per-output-channel weight quantizer.
 
     A sink of an activation region also owns an ``InputReparam`` applied before its input quantizer.
-    ``input_owned`` marks a sink whose input nothing else reads (a LayerNorm region's): at inference
-    its input is quantized in place (see ``FakeQuantizer.forward``), so a hook that keeps that
-    LayerNorm's output sees the quantized values.
+    ``input_owned`` marks a sink whose input nothing else reads (a LayerNorm region's, or an
+    activation region's): at inference its input is quantized in place (see ``FakeQuantizer.forward``),
+    or, with an ``InputReparam``, overwritten by the rotated, mapped and quantized values, so a hook
+    that keeps that LayerNorm's or activation's output sees those.
     """
 
     def __init__(self, linear: nn.Linear, name: str, bits: LayerBits, config: QuantConfig):
@@ -91,11 +92,28 @@ class QuantLinear(nn.Linear):
         return self.input_reparam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_reparam is not None:  # a fresh tensor of this layer's: quantize it in place
-            x = self.input_quantizer(self.input_reparam(x), overwrite=True)
-        else:
+        if self.input_reparam is None:
             x = self.input_quantizer(x, overwrite=self.input_owned)
+        elif self.input_quantizer.mode is QuantMode.QUANT:
+            x = self._quantized_reparam_input(x)
+        else:  # a fresh tensor of this layer's: quantize it in place
+            x = self.input_quantizer(self.input_reparam(x), overwrite=True)
         return F.linear(x, self._weight_cache.get(self.weight, self.weight_quantizer), self.bias)
+
+    def _quantized_reparam_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate, map ``/ r - b`` and fake-quantize the input on one buffer: the owned input's, if it may be.
+
+        The rotation writes into ``x`` when this layer owns it (its intermediate is a buffer of its
+        own), and the fold's per-channel map is folded into the quantizer's first pass
+        (``fake_quant_uniform``'s ``affine``): at deit_s's fc2 (batch 32) two fresh 39 MB buffers and
+        one pass fewer than rotating, mapping and quantizing one after the other.
+        """
+        reparam = self.input_reparam
+        in_place = self.input_owned and not x.requires_grad and x.is_contiguous()
+        rotated = reparam.rotate(x, out=x if in_place else None)
+        writable = (in_place or rotated is not x) and not rotated.requires_grad
+        affine = (reparam.r.reciprocal(), -reparam.b)
+        return self.input_quantizer.fake_quant(rotated, out=rotated if writable else None, affine=affine)
 
 
 class QuantConv2d(nn.Conv2d):

@@ -160,8 +160,11 @@ class UniformQuantizer(FakeQuantizer):
         self.observer.update(x)
         self.finish_observing()
 
-    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out)
+    def fake_quant(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, affine: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``affine=(w, c)``: fake-quantize ``x·w + c`` in the same passes (``fake_quant_uniform``)."""
+        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out, affine=affine)
 
 
 class WeightQuantizer(UniformQuantizer):
@@ -184,12 +187,16 @@ class WeightQuantizer(UniformQuantizer):
 
     def hold_rounding(self, weight: torch.Tensor, rounded: torch.Tensor) -> None:
         """Quantize ``weight`` to ``rounded`` (values on this grid, e.g. GPTQ's) from now on."""
+        self.rounding_offset.copy_(self.rounding_offsets(weight, rounded))
+
+    def rounding_offsets(self, weight: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+        """The offsets (int8, levels from the nearest) that ``hold_rounding(weight, rounded)`` would hold."""
         levels = quantize_uniform(rounded, self.scale, self.zero_point, self.bits)
         offset = levels - quantize_uniform(weight, self.scale, self.zero_point, self.bits)
         most = torch.iinfo(self.rounding_offset.dtype).max
         if offset.abs().max() > most:
             raise ValueError(f"quantizer '{self.name}': a rounding moves a weight by more than {most} levels")
-        self.rounding_offset.copy_(offset)
+        return offset.to(self.rounding_offset.dtype)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes QUANT dequantizes, as floats in [0, 2^b - 1]."""

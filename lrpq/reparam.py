@@ -112,13 +112,19 @@ class InputReparam(nn.Module):
         self.register_buffer("r", torch.ones(channels))
         self.register_buffer("b", torch.zeros(channels))
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel mixing alone: what the per-channel fold's statistics are taken on."""
-        return x if self.rotation is None else self.rotation(x)
+    def rotate(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The channel mixing alone: what the per-channel fold's statistics are taken on.
+
+        ``out`` (possibly ``x``) receives the rotated values; without a rotation ``x`` is returned.
+        """
+        return x if self.rotation is None else self.rotation(x, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused multiply-add instead of a division and a subtraction over the widest activation.
-        return torch.addcmul(-self.b, self.rotate(x), self.r.reciprocal())
+        # One fused multiply-add instead of a division and a subtraction over the widest activation,
+        # in place on the rotation's fresh output unless autograd needs it.
+        rotated = self.rotate(x)
+        in_place = rotated is not x and not rotated.requires_grad
+        return torch.addcmul(-self.b, rotated, self.r.reciprocal(), out=rotated if in_place else None)
 
 
 @torch.no_grad()

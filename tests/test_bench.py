@@ -64,6 +64,52 @@ def test_log_grid_lookup_rounds_like_the_formula_next_to_every_level_boundary(bi
     assert torch.equal(fake_quant_log2(ratios, unit, bits), dequantize_log2(shift, parity, underflow, unit))
 
 
+def assert_codes_equal_but_near_boundaries(values: torch.Tensor, scale: torch.Tensor, exact: torch.Tensor) -> None:
+    """``values / scale`` are the rounding of float64 ``exact`` (clamped as ``values``), but within 1e-4 of a tie.
+
+    Reordering float32 arithmetic moves a value by a few ulps: only a value that close to a rounding
+    boundary may land on the neighbouring level, and then on that one only.
+    """
+    codes = values / scale
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the grid
+    codes = codes.round()
+    expected = exact.round().clamp(codes.min().item(), codes.max().item())
+    near_tie = ((exact - exact.floor()) - 0.5).abs() < 1e-4
+    differs = codes.double() != expected
+    assert not (differs & ~near_tie).any()
+    assert ((codes.double() - expected).abs() <= 1).all()
+    assert differs.double().mean() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_affine_folded_into_fake_quant_equals_quantizing_the_mapped_tensor(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    x = 3.0 * torch.randn(200, 96, generator=generator)
+    weight, bias = torch.rand(96, generator=generator) + 0.2, torch.randn(96, generator=generator)
+    scale, zero_point = uniform_qparams(torch.tensor(-4.0), torch.tensor(5.0), bits)
+    fused = fake_quant_uniform(x, scale, zero_point, bits, affine=(weight, bias))
+    exact = (x.double() * weight.double() + bias.double()) / scale.double()
+    assert_codes_equal_but_near_boundaries(fused, scale, exact)
+    buffer = x.clone()
+    assert torch.equal(fake_quant_uniform(buffer, scale, zero_point, bits, out=buffer, affine=(weight, bias)), fused)
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_fused_rotation_fold_and_quantizer_of_fc2_equal_the_float64_reference(owned: bool) -> None:
+    model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
+    fc2 = model.blocks[1].mlp.fc2
+    reparam, quantizer = fc2.input_reparam, fc2.input_quantizer
+    hidden = torch.nn.functional.gelu(3.0 * torch.randn(5, 17, 192, generator=torch.Generator().manual_seed(7)))
+    rotation = torch.kron(reparam.rotation.left.double(), reparam.rotation.right.double())
+    exact = ((hidden.double() @ rotation) / reparam.r.double() - reparam.b.double()) / quantizer.scale.double()
+    fc2.input_owned = owned
+    given = hidden.clone()
+    with torch.inference_mode():
+        quantized = fc2._quantized_reparam_input(given)
+    assert (quantized.data_ptr() == given.data_ptr()) == owned  # written over the input only when it owns it
+    assert_codes_equal_but_near_boundaries(quantized, quantizer.scale, exact)
+
+
 def quantized_vit() -> tuple[torch.nn.Module, torch.Tensor]:
     model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
     return model, tiny_input("vit", batch=2, seed=3)

@@ -14,9 +14,10 @@ from conftest import build_tiny, tiny_input
 
 from lrpq.api import quantize
 from lrpq.config import QuantConfig
-from lrpq.gptq import DAMPING, SecondMoment, gptq_round, inverse_cholesky
+from lrpq.errors import LrpqError
+from lrpq.gptq import DAMPING, SecondMoment, StreamingRounding, gptq_round, inverse_cholesky
 from lrpq.primitives import fake_quant_uniform
-from lrpq.quantizers import UniformQuantizer
+from lrpq.quantizers import UniformQuantizer, WeightQuantizer
 
 
 def weight_grid(weight: torch.Tensor, bits: int) -> UniformQuantizer:
@@ -139,6 +140,31 @@ def test_dead_input_channels_are_rounded_to_nearest() -> None:
     rounded = gptq_round(weight, h, grid.scale, grid.zero_point, 3)
     assert torch.isfinite(rounded).all()
     assert torch.equal(rounded[:, 3], grid(weight)[:, 3])  # nothing flows into or out of it
+
+
+def test_streaming_rounding_rounds_once_the_last_batch_is_in_and_frees_its_matrix() -> None:
+    weight = torch.randn(12, 40, generator=torch.Generator().manual_seed(9))
+    grid = WeightQuantizer("w", 4, (1.0,), weight, per_channel=True)
+    grid.calibrate_from(weight)
+    parts = correlated_inputs(600, 40, 10).split(200)
+    rounding = StreamingRounding("w", weight, grid, batches=3)
+    moment = SecondMoment(40)
+    for part in parts[:2]:
+        rounding.update(part)
+        moment.update(part)
+        assert rounding.offsets is None
+    rounding.update(parts[2])
+    moment.update(parts[2])
+    assert rounding.moment is None  # freed at the last batch
+    expected = grid.rounding_offsets(weight, gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, 4))
+    assert torch.equal(rounding.finish(), expected) and expected.abs().sum() > 0
+    with pytest.raises(LrpqError, match="more than once per calibration batch"):
+        rounding.update(parts[0])
+
+
+def test_streaming_rounding_of_a_layer_no_batch_reached_keeps_nearest_rounding() -> None:
+    weight = torch.randn(4, 8)
+    assert StreamingRounding("w", weight, weight_grid(weight, 4), batches=2).finish() is None
 
 
 def test_quantize_with_gptq_lowers_the_logit_error_at_w4() -> None:
