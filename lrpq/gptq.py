@@ -95,21 +95,27 @@ class StreamingRounding:
         """The layer's GPTQ rounding offsets (rounding now if a batch never reached it); None if none did."""
         if self.offsets is None and self.moment is not None:
             grid = self.grid
-            rounded = gptq_round(self.weight, self.moment.matrix, grid.scale, grid.zero_point, grid.bits)
-            self.offsets, self.moment = grid.rounding_offsets(self.weight, rounded), None
+            rounded = _round_consuming(self.weight, self._take_matrix(), grid.scale, grid.zero_point, grid.bits)
+            self.offsets = grid.rounding_offsets(self.weight, rounded)
         return self.offsets
+
+    def _take_matrix(self) -> torch.Tensor:
+        """The summed ``XᵀX``, no longer held here: the rounding frees it once factorised."""
+        matrix, self.moment = self.moment.matrix, None
+        return matrix
 
 
 def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU``), in ``h``'s dtype; damps ``h`` in place.
 
     With ``J`` the order-reversing permutation and ``J H J = L Lᵀ``, ``U = J L⁻¹ J``: one Cholesky
-    factorisation and one triangular inverse, instead of inverting ``H`` and factorising the inverse.
+    factorisation and one triangular inverse (solved in place on the identity), instead of inverting
+    ``H`` and factorising the inverse; at most two ``n × n`` matrices besides ``h`` are alive at once.
     """
     h.diagonal().add_(DAMPING * h.diagonal().mean().clamp(min=1e-12))
     lower = torch.linalg.cholesky(h.flip(0, 1))
     identity = torch.eye(len(h), dtype=h.dtype, device=h.device)
-    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+    return torch.linalg.solve_triangular(lower, identity, upper=False, out=identity).flip(0, 1)
 
 
 @contextmanager
@@ -138,12 +144,19 @@ def gptq_round(
     block's later columns; the block's accumulated error then updates all later columns in one product.
     Input channels that never fired (zero diagonal) carry no output error, so they are rounded as is.
     """
-    h = second_moment.to(torch.float64, copy=True)
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    return _round_consuming(weight, second_moment.to(torch.float64, copy=True), scale, zero_point, bits)
+
+
+def _round_consuming(
+    weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """``gptq_round`` on a float64 ``h`` that it may overwrite, and drops as soon as it is factorised."""
+    h.diagonal().masked_fill_(h.diagonal() == 0, 1.0)  # dead channels
     u = inverse_cholesky(h)
+    del h
     # Row i over its diagonal: column i's raw error (w - q) times row i is GPTQ's update of later columns.
-    steps = (u / u.diagonal().unsqueeze(1)).float()
+    steps = u.div_(u.diagonal().clone().unsqueeze(1)).float()
+    del u
     work = weight.detach().float().T.contiguous()  # (in, out): input column i is the contiguous row i
     scale, zero_point = scale.float().reshape(-1), zero_point.float().reshape(-1)
     with _one_thread():

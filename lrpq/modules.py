@@ -25,7 +25,9 @@ def _layer_quantizers(
     name: str, bits: LayerBits, config: QuantConfig, weight: torch.Tensor
 ) -> tuple[UniformQuantizer, WeightQuantizer]:
     """Per-tensor input quantizer and (by default) per-output-channel weight quantizer of a layer."""
-    input_quantizer = UniformQuantizer(f"{name}.input", bits.abits, config.percentiles)
+    input_quantizer = UniformQuantizer(
+        f"{name}.input", bits.abits, config.percentiles, device=weight.device, dtype=weight.dtype
+    )
     weight_quantizer = WeightQuantizer(
         f"{name}.weight", bits.wbits, config.percentiles, weight, per_channel=config.per_channel_weights
     )
@@ -88,7 +90,9 @@ class QuantLinear(nn.Linear):
     def add_input_reparam(self, *, rotate: bool = False) -> InputReparam:
         """Give this layer an identity ``InputReparam`` (and a bias) for a channel fold (and rotation) to fill in."""
         ensure_bias(self)
-        self.input_reparam = InputReparam(self.in_features, rotate=rotate).to(self.weight.device)
+        self.input_reparam = InputReparam(
+            self.in_features, rotate=rotate, device=self.weight.device, dtype=self.weight.dtype
+        )
         return self.input_reparam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,24 +149,33 @@ class QuantConv2d(nn.Conv2d):
 class QuantMatMul(nn.Module):
     """``a @ b`` with both operands fake-quantized; ``log_a`` selects the log√2 grid for softmax outputs."""
 
-    def __init__(self, name: str, abits: int, percentiles: tuple[float, ...], log_a: bool = False) -> None:
+    def __init__(
+        self, name: str, abits: int, percentiles: tuple[float, ...], log_a: bool = False, **factory: object
+    ) -> None:
+        """``factory``: ``device`` and ``dtype`` of the operands (the attention's weights), for the buffers."""
         super().__init__()
         if log_a:
-            self.a_quantizer = LogSqrt2Quantizer(f"{name}.a", abits, percentiles)
+            self.a_quantizer = LogSqrt2Quantizer(f"{name}.a", abits, percentiles, **factory)
         else:
-            self.a_quantizer = UniformQuantizer(f"{name}.a", abits, percentiles)
-        self.b_quantizer = UniformQuantizer(f"{name}.b", abits, percentiles)
+            self.a_quantizer = UniformQuantizer(f"{name}.a", abits, percentiles, **factory)
+        self.b_quantizer = UniformQuantizer(f"{name}.b", abits, percentiles, **factory)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, *, a_owned: bool = False) -> torch.Tensor:
         """``a_owned``: ``a`` is the caller's own intermediate, which may be quantized in place."""
         return self.a_quantizer(a, overwrite=a_owned) @ self.b_quantizer(b)
 
 
-def _attention_matmuls(name: str, config: QuantConfig) -> tuple[QuantMatMul, QuantMatMul]:
+def _attention_matmuls(name: str, config: QuantConfig, qkv: nn.Linear) -> tuple[QuantMatMul, QuantMatMul]:
+    """q·kᵀ and attn·v of an attention whose ``qkv`` sets the device and dtype of their quantizers."""
+    factory = {"device": qkv.weight.device, "dtype": qkv.weight.dtype}
     return (
-        QuantMatMul(f"{name}.matmul1", config.bits_for(f"{name}.matmul1").abits, config.percentiles),
+        QuantMatMul(f"{name}.matmul1", config.bits_for(f"{name}.matmul1").abits, config.percentiles, **factory),
         QuantMatMul(
-            f"{name}.matmul2", config.bits_for(f"{name}.matmul2").abits, config.percentiles, log_a=config.log_softmax
+            f"{name}.matmul2",
+            config.bits_for(f"{name}.matmul2").abits,
+            config.percentiles,
+            log_a=config.log_softmax,
+            **factory,
         ),
     )
 
@@ -177,7 +190,7 @@ class QuantAttention(nn.Module):
         self.attn_dim = attn.attn_dim
         self.scale = attn.scale
         self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
-        self.matmul1, self.matmul2 = _attention_matmuls(name, config)
+        self.matmul1, self.matmul2 = _attention_matmuls(name, config, attn.qkv)
         self.attn_drop, self.norm, self.gate = attn.attn_drop, attn.norm, attn.gate
         self.proj, self.proj_drop = attn.proj, attn.proj_drop
 
@@ -223,7 +236,7 @@ class QuantWindowAttention(nn.Module):
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
         self.qkv = attn.qkv
-        self.matmul1, self.matmul2 = _attention_matmuls(name, config)
+        self.matmul1, self.matmul2 = _attention_matmuls(name, config, attn.qkv)
         self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
 
     @property

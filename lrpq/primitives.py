@@ -87,8 +87,12 @@ def fake_quant_uniform(
 
 
 def _clamp_centred_codes(codes: torch.Tensor, zero_point: torch.Tensor, levels: int) -> None:
-    """Clamp codes less their zero point to the grid, in place; a single zero point as number bounds."""
-    if zero_point.numel() == 1:
+    """Clamp codes less their zero point to the grid, in place; a single zero point as number bounds.
+
+    Number bounds only where the zero point lives on the CPU: on an accelerator reading it would wait
+    for the device at every call, and tensor bounds cost nothing extra there.
+    """
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu":
         low = -float(zero_point)
         codes.clamp_(low, levels + low)
     else:
@@ -233,8 +237,8 @@ def percentile_bounds(
     """
     flat = x.reshape(-1) if channel_dim is None else x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
     n = flat.shape[-1]
-    positions = torch.tensor([p * (n - 1) for p in percentiles], dtype=torch.float64)
-    lowest_index = int(torch.floor(positions.min()).item())
+    positions = torch.tensor([p * (n - 1) for p in percentiles], dtype=torch.float64, device=x.device)
+    lowest_index = math.floor(min(p * (n - 1) for p in percentiles))
     k = n - lowest_index  # enough of the tail to cover every requested position
     top = _tail(flat, k, largest=True)  # descending
     bottom = _tail(flat, k, largest=False)  # ascending

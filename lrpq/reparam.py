@@ -106,11 +106,18 @@ class InputReparam(nn.Module):
     as buffers.
     """
 
-    def __init__(self, channels: int, *, rotate: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        rotate: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.rotation = KroneckerRotation(channels) if rotate else None
-        self.register_buffer("r", torch.ones(channels))
-        self.register_buffer("b", torch.zeros(channels))
+        self.rotation = KroneckerRotation(channels, device=device, dtype=dtype) if rotate else None
+        self.register_buffer("r", torch.ones(channels, device=device, dtype=dtype))
+        self.register_buffer("b", torch.zeros(channels, device=device, dtype=dtype))
 
     def rotate(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """The channel mixing alone: what the per-channel fold's statistics are taken on.
@@ -136,7 +143,7 @@ def rotate_sink_input(reparam: InputReparam, sink: nn.Linear) -> None:
     """
     if reparam.rotation is None:
         raise ValueError("this InputReparam was built without a rotation (rotate=True)")
-    left, right = hadamard_factors(sink.in_features)
+    left, right = (factor.to(sink.weight.device) for factor in hadamard_factors(sink.in_features))
     reparam.rotation.set_factors(left, right)
     sink.weight.copy_(kronecker_rotate(sink.weight.double(), left, right))  # each row w ↦ w·(A ⊗ B)
 
@@ -197,7 +204,7 @@ def rotate_heads(
     """
     parts = ([0, 1] if query_key else []) + ([2] if proj is not None else [])
     head_dim = qkv.out_features // (3 * num_heads)
-    rotation = rotation.to(torch.float64)
+    rotation = rotation.to(qkv.weight.device, torch.float64)
     weight = qkv.weight.double().view(3, num_heads, head_dim, -1)
     bias = qkv.bias.double().view(3, num_heads, head_dim) if qkv.bias is not None else None
     for part in parts:

@@ -62,6 +62,22 @@ def seeded_orthogonal(order: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).contiguous()
 
 
+def hadamard_orders(channels: int) -> tuple[int, int]:
+    """Orders ``(a, b)`` of ``hadamard_factors(channels)``, without building them."""
+    if channels < 1:
+        raise ValueError(f"channels={channels} must be a positive integer")
+    odd = channels
+    while odd % 2 == 0:
+        odd //= 2
+    power = channels // odd
+    while odd > 1 and power > 1:
+        power //= 2
+        order = channels // power
+        if _is_prime(order - 1) and (order - 1) % 4 == 3:
+            return order, power
+    return odd, channels // odd
+
+
 def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal ``(A, B)`` with ``A ⊗ B`` of order ``channels``, Hadamard wherever one is known (float64).
 
@@ -69,21 +85,14 @@ def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     order ``q + 1 = m·2^j`` (``m`` the odd part of ``channels``); a power of two has ``A = [1]``, and
     a width with no Paley order falls back to a seeded orthogonal ``A`` of order ``m``.
     """
-    if channels < 1:
-        raise ValueError(f"channels={channels} must be a positive integer")
-    odd = channels
-    while odd % 2 == 0:
-        odd //= 2
-    left = torch.ones(1, 1, dtype=torch.float64) if odd == 1 else None
-    power = channels // odd
-    while left is None and power > 1:
-        power //= 2
-        order = channels // power
-        if _is_prime(order - 1) and (order - 1) % 4 == 3:
-            left = paley_hadamard(order - 1) / math.sqrt(order)
-    if left is None:
-        left, power = seeded_orthogonal(odd), channels // odd
-    return left, sylvester_hadamard(power) / math.sqrt(power)
+    left, right = hadamard_orders(channels)
+    if left == 1:
+        factor = torch.ones(1, 1, dtype=torch.float64)
+    elif left % 2 == 0:  # a Paley order q + 1 (an odd order is the fallback)
+        factor = paley_hadamard(left - 1) / math.sqrt(left)
+    else:
+        factor = seeded_orthogonal(left)
+    return factor, sylvester_hadamard(right) / math.sqrt(right)
 
 
 def kronecker_rotate(
@@ -114,11 +123,13 @@ class KroneckerRotation(nn.Module):
     the factors back as buffers.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(
+        self, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        left, right = hadamard_factors(channels)
-        self.register_buffer("left", torch.eye(left.shape[0]))
-        self.register_buffer("right", torch.eye(right.shape[0]))
+        left, right = hadamard_orders(channels)
+        self.register_buffer("left", torch.eye(left, device=device, dtype=dtype))
+        self.register_buffer("right", torch.eye(right, device=device, dtype=dtype))
 
     @torch.no_grad()
     def set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
