@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lrpq.bias_correction import correcting_biases, output_means
 from lrpq.calibrate import calibration, channel_observers, observe_inputs, observe_outputs
 from lrpq.config import QuantConfig
+from lrpq.devices import model_device
 from lrpq.errors import LrpqError
 from lrpq.gptq import StreamingRounding
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
@@ -177,7 +178,7 @@ def _run(model: nn.Module, calib: CalibData, batch_size: int, run: BatchRunner, 
 
 
 def _forward(model: nn.Module, batch: torch.Tensor) -> object:
-    return model(batch)
+    return model(batch.to(model_device(model), non_blocking=True))
 
 
 def input_quantizers(layer: QuantLayer) -> list[FakeQuantizer]:

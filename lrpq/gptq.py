@@ -109,12 +109,19 @@ def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU``), in ``h``'s dtype; damps ``h`` in place.
 
     With ``J`` the order-reversing permutation and ``J H J = L Lᵀ``, ``U = J L⁻¹ J``: one Cholesky
-    factorisation and one triangular inverse (solved in place on the identity), instead of inverting
-    ``H`` and factorising the inverse; at most two ``n × n`` matrices besides ``h`` are alive at once.
+    factorisation and one triangular inverse, instead of inverting ``H`` and factorising the inverse.
     """
+    _damp(h)
+    return _flipped_inverse(torch.linalg.cholesky(h.flip(0, 1)))
+
+
+def _damp(h: torch.Tensor) -> None:
     h.diagonal().add_(DAMPING * h.diagonal().mean().clamp(min=1e-12))
-    lower = torch.linalg.cholesky(h.flip(0, 1))
-    identity = torch.eye(len(h), dtype=h.dtype, device=h.device)
+
+
+def _flipped_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """``J L⁻¹ J``, solved in place on the identity: two ``n × n`` matrices alive at once."""
+    identity = torch.eye(len(lower), dtype=lower.dtype, device=lower.device)
     return torch.linalg.solve_triangular(lower, identity, upper=False, out=identity).flip(0, 1)
 
 
@@ -152,8 +159,14 @@ def _round_consuming(
 ) -> torch.Tensor:
     """``gptq_round`` on a float64 ``h`` that it may overwrite, and drops as soon as it is factorised."""
     h.diagonal().masked_fill_(h.diagonal() == 0, 1.0)  # dead channels
-    u = inverse_cholesky(h)
+    _damp(h)
+    # inverse_cholesky(h), dropping each matrix once the next is made: the flipped copy replaces h, the
+    # factor replaces the copy, so no more than two n × n float64 matrices are alive (fc2's: 19 MB each).
+    h = h.flip(0, 1)
+    lower = torch.linalg.cholesky(h)
     del h
+    u = _flipped_inverse(lower)
+    del lower
     # Row i over its diagonal: column i's raw error (w - q) times row i is GPTQ's update of later columns.
     steps = u.div_(u.diagonal().clone().unsqueeze(1)).float()
     del u

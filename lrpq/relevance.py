@@ -606,7 +606,7 @@ def _attribution(model: nn.Module, explanation: Explanation, size: tuple[int, in
         kind = type(model).__name__
         raise RelevanceError(f"method='attribution' needs a class-token ViT or DeiT, not {kind}; use 'lrp'")
     cams = list(explanation.attention.values())
-    rollout = torch.eye(cams[0].shape[-1]).expand_as(cams[0])
+    rollout = torch.eye(cams[0].shape[-1], dtype=cams[0].dtype, device=cams[0].device).expand_as(cams[0])
     for cam in cams:
         rollout = rollout + cam @ rollout
     patch_h, patch_w = model.patch_embed.patch_size

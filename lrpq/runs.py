@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -87,7 +88,7 @@ def save_run(
 ) -> Path:
     """Write a complete run directory atomically; ``extra_files(staging)`` may add more files."""
     with atomic_dir(out_dir, overwrite) as staging:
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / MODEL_FILE))
         save_packed(model, staging / PACKED_FILE)
         payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict()}
@@ -101,8 +102,8 @@ def save_run(
     return Path(out_dir)
 
 
-def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
-    """Rebuild the quantized model of a run directory (no calibration data needed)."""
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, QuantConfig]:
+    """Rebuild the quantized model of a run directory on ``device`` (no calibration data needed)."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunError(f"{run_dir} is not a run directory (expected {CONFIG_FILE} and {MODEL_FILE})")
@@ -119,7 +120,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
         raise RunError(f"{run_dir / MODEL_FILE} {which}: it was not written by this lrpq; quantize the model again")
     model.load_state_dict(state, strict=True)
     set_mode(model, QuantMode.QUANT)
-    return model.eval(), spec, config
+    return model.to(device).eval(), spec, config  # every tensor of the model is a parameter or buffer
 
 
 def format_summary(summary: dict[str, Any], plan: BitPlan) -> str:
