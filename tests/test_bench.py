@@ -7,7 +7,15 @@ import torch
 from conftest import build_tiny, tiny_input
 
 from lrpq.api import quantize, set_mode
-from lrpq.bench import REPORTED, TARGETS, format_table
+from lrpq.bench import (
+    BENCH_CONFIG,
+    NEAREST_CONFIG,
+    REPORTED,
+    TARGETS,
+    display_name,
+    format_table,
+    readme_command,
+)
 from lrpq.config import QuantConfig
 from lrpq.primitives import (
     dequantize_log2,
@@ -152,12 +160,23 @@ def test_weight_cache_never_reaches_autograd() -> None:
 
 def test_table_marks_each_metric_against_its_target() -> None:
     good = {"calibration_ratio": 5.0, "relevance_ratio": 2.0, "fakequant_throughput_ratio": 0.8}
-    good |= {"calibration_memory_ratio": 1.5, "w4_size_ratio": 0.13, "gptq_calibration_ratio": 14.0}
+    good |= {"calibration_memory_ratio": 1.5, "w4_size_ratio": 0.13, "nearest_calibration_ratio": 4.0}
     bad = {**good, "fakequant_throughput_ratio": 0.4, "w4_size_ratio": 0.3}
-    table = format_table({"deit_s": good, "swin_t": bad})
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    table = format_table({"deit_s": good, "vits14_imagenette": bad}, readme_seconds=185.4)
+    lines = table.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
     assert set(rows) == set(TARGETS) | set(REPORTED)
-    assert rows["gptq_calibration_ratio"][1:] == ["14.000", "14.000", "–"]  # no target, no mark
+    assert rows["nearest_calibration_ratio"][1:] == ["4.000", "4.000", "–"]  # no target, no mark
     assert rows["fakequant_throughput_ratio"][1:5] == ["0.800", "ok", "0.400", "NO"]
     assert rows["w4_size_ratio"][1:5] == ["0.130", "ok", "0.300", "NO"]
     assert rows["calibration_ratio"][1:5] == ["5.000", "ok", "5.000", "ok"]
+    assert lines[-1] == "README main command (quantize --mixed + eval): 3 min 05 s wall"
+    assert "README" not in format_table({"deit_s": good})
+
+
+def test_the_benchmark_headlines_the_default_configuration_and_the_readme_command() -> None:
+    assert QuantConfig(wbits=4, abits=4) == BENCH_CONFIG  # GPTQ and every rotation on
+    assert QuantConfig(wbits=4, abits=4, gptq=False) == NEAREST_CONFIG
+    command = readme_command()
+    assert command.startswith("lrpq quantize ") and "&& lrpq eval " in command and "--mixed" in command
+    assert display_name("/x/models/vits14_imagenette.json") == "vits14_imagenette"
