@@ -138,8 +138,15 @@ def matmul_relevance(a: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def clone_relevance(*relevances: Tensor) -> Tensor:
-    """A tensor read by several consumers gets the sum of the relevance each consumer hands back."""
-    return torch.stack(relevances).sum(0)
+    """A tensor read by several consumers gets the sum of the relevance each consumer hands back.
+
+    Added one by one (for two, bit for bit the stacked sum): stacking copied every operand first, 5 % of
+    ref-B's relevance time.
+    """
+    total = relevances[0]
+    for relevance in relevances[1:]:
+        total = total + relevance
+    return total
 
 
 def _softmax_input_grad(probs: Tensor, grad_probs: Tensor) -> Tensor:
