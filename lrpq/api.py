@@ -6,7 +6,8 @@ factors into LayerNorm (or the sink's input reparameterization) and sink, give t
 the folds' target grid, centre the keys (``reparam``) → calibrate weights on the folded values →
 observe every other activation quantizer →
 ``convert`` (log√2 → log2) → QUANT; with ``config.gptq`` the same pass also collects every
-Linear's input second moments, and GPTQ rounds the weights on their grids. ``prepare`` followed by
+Linear's input second moments, and GPTQ rounds each layer's weights on their grid as soon as its
+last batch has passed it (``lrpq.gptq.StreamingRounding``). ``prepare`` followed by
 ``convert`` builds the same module tree without data, which is how a saved run is loaded back.
 """
 
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 from lrpq.bias_correction import correcting_biases, output_means
 from lrpq.calibrate import calibration, channel_observers, observe_inputs, observe_outputs
 from lrpq.config import QuantConfig
+from lrpq.devices import model_device
 from lrpq.errors import LrpqError
-from lrpq.gptq import SecondMoment, gptq_round
+from lrpq.gptq import StreamingRounding
 from lrpq.modules import QuantConv2d, QuantLinear, QuantMatMul, attention_factory, quantized_linear_like
 from lrpq.observers import ChannelRange
 from lrpq.output_weighted_ranges import output_gradient_runner
@@ -63,7 +65,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
             sink.input_owned = True  # a region's norm output feeds only its sink
     if config.post_gelu_reparam or config.rotate_hidden:
         for sink in find_activation_sinks(model):
-            model.get_submodule(sink).add_input_reparam(rotate=config.rotate_hidden)
+            layer = model.get_submodule(sink)
+            layer.add_input_reparam(rotate=config.rotate_hidden)
+            layer.input_owned = True  # an activation region's output feeds only its sink
     if config.center_keys:
         for attention in shiftable_attentions(model).values():
             ensure_bias(attention.qkv)
@@ -175,7 +179,7 @@ def _run(model: nn.Module, calib: CalibData, batch_size: int, run: BatchRunner, 
 
 
 def _forward(model: nn.Module, batch: torch.Tensor) -> object:
-    return model(batch)
+    return model(batch.to(model_device(model), non_blocking=True))
 
 
 def input_quantizers(layer: QuantLayer) -> list[FakeQuantizer]:
@@ -304,8 +308,11 @@ def quantize(
     for layer in weighted.values():
         layer.weight_quantizer.calibrate_from(layer.weight)
     rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
-    moments = {name: SecondMoment(layer.in_features) for name, layer in rounded.items()}
-    gptq_inputs = {name: rounded[name].input_quantizer for name in moments}  # what F.linear reads
+    batches = len(_batches(calib, batch_size))
+    roundings = {
+        name: StreamingRounding(name, layer.weight, layer.weight_quantizer, batches) for name, layer in rounded.items()
+    }
+    gptq_inputs = {name: rounded[name].input_quantizer for name in roundings}  # what F.linear reads
     points = [point for point in activation_quantizers(model) if point not in fixed_grids]
     if config.calibrate_on_quantized:  # later layers then see these inputs quantized as they will be
         for quantizer in fixed_grids:
@@ -314,13 +321,14 @@ def quantize(
         mode, calibration_run = QuantMode.OBSERVE_WEIGHTED, output_gradient_runner()
     else:
         mode, calibration_run = QuantMode.OBSERVE_QUANT if config.calibrate_on_quantized else QuantMode.OBSERVE, run
-    with calibration(points, mode), observe_inputs(gptq_inputs, moments):
+    with calibration(points, mode), observe_inputs(gptq_inputs, roundings):
         _run(model, calib, batch_size, calibration_run, "calibration", progress)
     for quantizer in fixed_grids:
         quantizer.mode = QuantMode.QUANT
-    for name, moment in tqdm(moments.items(), desc="gptq", disable=not progress, leave=False):
-        weight, grid = rounded[name].weight, rounded[name].weight_quantizer
-        grid.hold_rounding(weight, gptq_round(weight, moment.matrix, grid.scale, grid.zero_point, grid.bits))
+    for name, rounding in roundings.items():  # held only now, so the pass saw every weight at its nearest level
+        offsets = rounding.finish()
+        if offsets is not None:
+            rounded[name].weight_quantizer.rounding_offset.copy_(offsets)
     convert(model)
     if corrected:
         with correcting_biases(corrected, float_means):

@@ -41,6 +41,7 @@ from lrpq.data import (
     read_calibration_list,
     unnormalize,
 )
+from lrpq.devices import add_device_argument, loader_options, resolve_device
 from lrpq.errors import LrpqError
 from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
@@ -166,6 +167,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed:
         check_request(args.allocator, budget, wbits, abits)
     widths = _widths(args, wbits, abits) if args.mixed else None
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
     config = _quant_config(args, wbits, abits)
@@ -174,7 +176,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # work, and any failure (an error, Ctrl-C, SIGTERM) removes it.
     with staged_run_dir(out_dir, args.overwrite) as staging:
         calib = _calibration_images(args, spec)
-        model = build_model(spec)
+        model = build_model(spec).to(device)
         cost = model_cost(model, spec.data_config["input_size"])  # of the float (possibly pruned) model
         started = time.perf_counter()
         mixed = None
@@ -267,8 +269,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> dict[str, object]:
     """Evaluate (or compare against float) as ``lrpq eval`` asks, print the result and return it as JSON."""
+    device = resolve_device(args.device)
     if has_run_files(args.model) and not is_pruned_run(args.model):  # a damaged run is named as one, not a model
-        model, spec, _ = load_run(args.model)
+        model, spec, _ = load_run(args.model, device)
     elif args.against_float:
         raise LrpqError(
             f"--against-float compares a run directory's quantized model with its float model; "
@@ -276,13 +279,21 @@ def _evaluate(args: argparse.Namespace) -> dict[str, object]:
         )
     else:
         spec = resolve_model(args.model, args.checkpoint)
-        model = build_model(spec)
+        model = build_model(spec).to(device)
     num_classes = model.num_classes
+    options = loader_options(device, args.workers)
     loader = make_loader(
-        args.data, spec.data_config, spec.classes, num_classes, args.batch_size, args.limit, args.workers
+        args.data,
+        spec.data_config,
+        spec.classes,
+        num_classes,
+        args.batch_size,
+        args.limit,
+        options["num_workers"],
+        options["pin_memory"],
     )
     if args.against_float:
-        comparison = compare(model, build_model(spec), loader)
+        comparison = compare(model, build_model(spec).to(device), loader)
         _print_comparison(args.model, comparison)
         payload = comparison.to_json_dict()
     else:
@@ -310,9 +321,10 @@ def cmd_relevance(args: argparse.Namespace) -> int:
             f"{fractional[0]} bits is a mean the paper rule cannot reach (it moves whole bits); use --allocator exact"
         )
     widths = _widths(args, wbits, abits)
+    device = resolve_device(args.device)
     spec = resolve_model(args.model, args.checkpoint)
     with staged_dir(args.out, what=REPORT_KIND) as staging:  # --out is checked and usable before any work
-        model = build_model(spec)
+        model = build_model(spec).to(device)
         paths = draw_calibration_set(args.data, args.num_images, args.seed)
         images = load_calibration_images(paths, spec.data_config)
         scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
@@ -462,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scores", help="layer scores JSON from `lrpq relevance` instead of computing them")
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_device_argument(q)
     q.set_defaults(func=cmd_quantize)
 
     e = commands.add_parser("eval", help="top-1/top-5 of a float model or a run directory on an ImageFolder")
@@ -470,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="ImageFolder-style directory (<class>/<image>)")
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--limit", type=_positive_int, help="evaluate an evenly spaced subset of this many images")
-    e.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    e.add_argument(
+        "--workers", type=int, help="data-loading worker processes (default: 0 on the CPU, up to 4 on a GPU)"
+    )
+    add_device_argument(e)
     e.add_argument(
         "--against-float",
         action="store_true",
@@ -493,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
     r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
     r.add_argument("--out", required=True, help="folder to write (must not exist)")
+    add_device_argument(r)
     r.set_defaults(func=cmd_relevance)
 
     add_prune_parser(commands)

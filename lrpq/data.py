@@ -202,8 +202,13 @@ def make_loader(
     batch_size: int = 64,
     limit: int | None = None,
     workers: int = 0,
+    pin_memory: bool = False,
 ) -> ImageLoader:
-    """Deterministic (unshuffled) evaluation loader; ``loader.skipped`` counts unreadable images."""
+    """Deterministic (unshuffled) evaluation loader; ``loader.skipped`` counts unreadable images.
+
+    ``pin_memory`` (for batches bound for a GPU) collates into page-locked memory, which copies to
+    the device asynchronously.
+    """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be a positive integer")
     if workers < 0:
@@ -211,7 +216,9 @@ def make_loader(
     samples = evenly_spaced(list_images(folder), limit)
     class_index = class_to_index([name for _, name in samples], classes, num_classes)
     dataset = ImageFolderDataset(samples, class_index, build_transform(data_config))
-    loader = DataLoader(dataset, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping)
+    loader = DataLoader(
+        dataset, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping, pin_memory=pin_memory
+    )
     return ImageLoader(loader, Path(folder))
 
 

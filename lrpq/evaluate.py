@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lrpq.devices import model_device
 from lrpq.errors import LrpqError
 
 TOP5 = 5
@@ -87,11 +88,12 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate in eval/inference mode; ``loader.skipped`` (if present) is reported alongside."""
     model.eval()
+    device = model_device(model)
     start = time.perf_counter()
     tally = _Tally()
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-            tally.add(model(images), labels)
+            tally.add(model(images.to(device, non_blocking=True)).cpu(), labels)
     return tally.result(int(getattr(loader, "skipped", 0)), time.perf_counter() - start)
 
 
@@ -184,12 +186,16 @@ def compare(
     """Evaluate ``model`` and ``reference`` batch by batch on one pass over ``loader``."""
     model.eval()
     reference.eval()
+    devices = model_device(model), model_device(reference)
     start = time.perf_counter()
     tallies = _Tally(), _Tally()
     agree = 0
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="compare", unit="batch", disable=not progress, leave=False):
-            predicted = [tally.add(net(images), labels) for tally, net in zip(tallies, (model, reference), strict=True)]
+            predicted = [
+                tally.add(net(images.to(device, non_blocking=True)).cpu(), labels)
+                for tally, net, device in zip(tallies, (model, reference), devices, strict=True)
+            ]
             agree += int((predicted[0] == predicted[1]).sum())
     skipped, seconds = int(getattr(loader, "skipped", 0)), time.perf_counter() - start
     result, reference_result = (tally.result(skipped, seconds) for tally in tallies)

@@ -47,14 +47,14 @@ class ExportError(LrpqError):
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes in [0, 2^bits - 1] (any shape) as a uint8 bitstream of ``ceil(numel · bits / 8)`` bytes."""
-    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    flat = codes.reshape(-1).to(torch.uint8).cpu().numpy()
     code_bits = np.unpackbits(flat[:, None], axis=1)[:, 8 - bits :]  # (n, bits), most significant first
     return torch.from_numpy(np.packbits(code_bits.reshape(-1)))
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: the first ``count`` codes of the stream, as uint8."""
-    code_bits = np.unpackbits(packed.numpy(), count=count * bits).reshape(count, bits)
+    code_bits = np.unpackbits(packed.cpu().numpy(), count=count * bits).reshape(count, bits)
     padded = np.pad(code_bits, ((0, 0), (8 - bits, 0)))
     return torch.from_numpy(np.packbits(padded, axis=1).reshape(-1))
 
@@ -70,7 +70,7 @@ def _packable_weights(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
 
 def save_packed(model: nn.Module, path: str | Path) -> Path:
     """Write ``model``'s state dict to ``path`` with its quantized weights packed to their bit width."""
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     packed: dict[str, dict[str, object]] = {}
     for key, layer in _packable_weights(model).items():
         quantizer = layer.weight_quantizer
@@ -114,17 +114,18 @@ def packed_weight_bits(path: str | Path) -> dict[str, int]:
     return {key: info.get("bits") for key, info in _packed_layout(path).items()}
 
 
-def load_packed_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict saved by ``save_packed``, with every packed weight dequantized to ``(q - z) · s``."""
+def load_packed_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict saved by ``save_packed`` on ``device``, every packed weight dequantized to ``(q - z) · s``."""
     layout = _packed_layout(path)
-    state = load_file(str(path))
+    state = load_file(str(path), device=str(device))
     for key, info in layout.items():
         try:
             stream, scale, zero_point = state[key], state[info["scale"]], state[info["zero_point"]]
         except KeyError as missing:
             raise ExportError(f"{path}: packed weight {key} refers to missing tensor {missing}") from None
         shape = torch.Size(info["shape"])
-        codes = unpack_codes(stream, info["bits"], shape.numel()).view(shape)
+        codes = unpack_codes(stream, info["bits"], shape.numel()).view(shape).to(scale.device)
         state[key] = ((codes.to(scale.dtype) - zero_point) * scale).to(getattr(torch, info["dtype"]))
-        state[info["rounding_offset"]] = torch.zeros(shape, dtype=torch.int8)  # the weight is its own nearest level
+        # the weight is its own nearest level
+        state[info["rounding_offset"]] = torch.zeros(shape, dtype=torch.int8, device=scale.device)
     return state

@@ -23,6 +23,13 @@ class CalibrationError(LrpqError):
     """Calibration saw something no quantizer can represent (NaN/Inf, no data)."""
 
 
+def require_finite(x: torch.Tensor, where: str) -> None:
+    """Raise CalibrationError if ``x`` holds NaN or Inf: a check of the data itself, so it reads it back."""
+    # A finite sum implies finite elements; only a huge-but-finite tensor needs the elementwise check.
+    if not (bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())):
+        raise CalibrationError(f"non-finite values (NaN/Inf) reached {where}")
+
+
 class _CandidateObserver:
     """Shared bookkeeping: running sums of candidate bounds and errors across batches."""
 
@@ -41,9 +48,7 @@ class _CandidateObserver:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        # A finite sum implies finite elements; only a huge-but-finite tensor needs the elementwise check.
-        if not (bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())):
-            raise CalibrationError(f"non-finite values (NaN/Inf) reached quantization point '{self.name}'")
+        require_finite(x, f"quantization point '{self.name}'")
         lower, upper = percentile_bounds(x, self.percentiles, self.channel_dim)
         errors = self._candidate_errors(x, lower, upper, None if weight is None else weight.detach().float())
         if self._error_sum is None:
@@ -151,8 +156,7 @@ class ChannelRange:
 
     def update(self, x: torch.Tensor) -> None:
         low, high = x.detach().reshape(-1, x.shape[-1]).float().aminmax(dim=0)
-        if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all())):
-            raise CalibrationError(f"non-finite values (NaN/Inf) reached '{self.name}'")
+        require_finite(torch.stack([low, high]), f"'{self.name}'")
         if self._low is None:
             self._low, self._high = low, high
         else:

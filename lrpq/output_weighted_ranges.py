@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lrpq.devices import model_device
 from lrpq.errors import LrpqError
 
 PROJECTION_SEED = 0
@@ -30,7 +31,7 @@ def output_gradient_runner(seed: int = PROJECTION_SEED) -> Callable[[nn.Module, 
     generator = torch.Generator().manual_seed(seed)
 
     def run(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        images = batch.detach().requires_grad_(True)
+        images = batch.detach().to(model_device(model)).requires_grad_(True)
         with torch.enable_grad():
             logits = model(images)
             if not isinstance(logits, torch.Tensor) or not logits.requires_grad:

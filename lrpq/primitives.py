@@ -56,6 +56,7 @@ def fake_quant_uniform(
     *,
     offset: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize: the value an integer kernel would reproduce (``offset`` as in ``quantize_uniform``).
 
@@ -68,9 +69,17 @@ def fake_quant_uniform(
     ``x / scale`` is taken as ``x · (1 / scale)``: a vector division costs several multiplications
     on a CPU, and the two differ by at most one rounding of the quotient, so a code can change only
     for a value within an ulp of a rounding boundary, which calibration and inference share anyway.
+    ``affine=(w, c)`` fake-quantizes ``x·w + c`` (a fold's per-channel map) with the map folded into
+    the first pass, ``x·(w / s) + c / s``: one pass fewer; a code can differ from quantizing the mapped
+    tensor only where ``x·w + c`` lies within a few ulps of a rounding boundary.
     """
     levels = 2**bits - 1
-    codes = torch.mul(x, scale.reciprocal(), out=out).round_()
+    inverse = scale.reciprocal()
+    if affine is None:
+        codes = torch.mul(x, inverse, out=out).round_()
+    else:
+        weight, bias = affine
+        codes = torch.addcmul(bias * inverse, x, weight * inverse, out=out).round_()
     _clamp_centred_codes(codes, zero_point, levels)
     if offset is not None:
         _clamp_centred_codes(codes.add_(offset), zero_point, levels)
@@ -78,8 +87,12 @@ def fake_quant_uniform(
 
 
 def _clamp_centred_codes(codes: torch.Tensor, zero_point: torch.Tensor, levels: int) -> None:
-    """Clamp codes less their zero point to the grid, in place; a single zero point as number bounds."""
-    if zero_point.numel() == 1:
+    """Clamp codes less their zero point to the grid, in place; a single zero point as number bounds.
+
+    Number bounds only where the zero point lives on the CPU: on an accelerator reading it would wait
+    for the device at every call, and tensor bounds cost nothing extra there.
+    """
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu":
         low = -float(zero_point)
         codes.clamp_(low, levels + low)
     else:
@@ -224,8 +237,8 @@ def percentile_bounds(
     """
     flat = x.reshape(-1) if channel_dim is None else x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
     n = flat.shape[-1]
-    positions = torch.tensor([p * (n - 1) for p in percentiles], dtype=torch.float64)
-    lowest_index = int(torch.floor(positions.min()).item())
+    positions = torch.tensor([p * (n - 1) for p in percentiles], dtype=torch.float64, device=x.device)
+    lowest_index = math.floor(min(p * (n - 1) for p in percentiles))
     k = n - lowest_index  # enough of the tail to cover every requested position
     top = _tail(flat, k, largest=True)  # descending
     bottom = _tail(flat, k, largest=False)  # ascending

@@ -25,10 +25,23 @@ class QuantMode(enum.Enum):
 
 
 class FakeQuantizer(nn.Module):
-    """Base class: a named quantization point with a bit width and an explicit mode."""
+    """Base class: a named quantization point with a bit width and an explicit mode.
 
-    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...]) -> None:
+    ``device`` and ``dtype`` are those of the tensors it quantizes (the layer's weight): its buffers are
+    created there, so a quantized model on a GPU computes there from the start.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bits: int,
+        percentiles: tuple[float, ...],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        self.factory = {"device": device, "dtype": dtype}
         self.name = name
         self.bits = bits
         self.percentiles = percentiles
@@ -137,11 +150,14 @@ class UniformQuantizer(FakeQuantizer):
         percentiles: tuple[float, ...],
         channel_dim: int | None = None,
         param_shape: tuple[int, ...] = (),
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(name, bits, percentiles)
+        super().__init__(name, bits, percentiles, device=device, dtype=dtype)
         self.channel_dim = channel_dim
-        self.register_buffer("scale", torch.ones(param_shape))
-        self.register_buffer("zero_point", torch.zeros(param_shape))
+        self.register_buffer("scale", torch.ones(param_shape, **self.factory))
+        self.register_buffer("zero_point", torch.zeros(param_shape, **self.factory))
 
     def make_observer(self) -> UniformObserver:
         return UniformObserver(self.name, self.bits, self.percentiles, self.channel_dim)
@@ -160,8 +176,11 @@ class UniformQuantizer(FakeQuantizer):
         self.observer.update(x)
         self.finish_observing()
 
-    def fake_quant(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out)
+    def fake_quant(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, affine: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``affine=(w, c)``: fake-quantize ``x·w + c`` in the same passes (``fake_quant_uniform``)."""
+        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, out=out, affine=affine)
 
 
 class WeightQuantizer(UniformQuantizer):
@@ -175,7 +194,15 @@ class WeightQuantizer(UniformQuantizer):
 
     def __init__(self, name: str, bits: int, percentiles: tuple[float, ...], weight: torch.Tensor, per_channel: bool):
         channel_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else ()
-        super().__init__(name, bits, percentiles, channel_dim=0 if per_channel else None, param_shape=channel_shape)
+        super().__init__(
+            name,
+            bits,
+            percentiles,
+            channel_dim=0 if per_channel else None,
+            param_shape=channel_shape,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         self.register_buffer("rounding_offset", torch.zeros(weight.shape, dtype=torch.int8, device=weight.device))
 
     def calibrate_from(self, x: torch.Tensor) -> None:
@@ -184,12 +211,14 @@ class WeightQuantizer(UniformQuantizer):
 
     def hold_rounding(self, weight: torch.Tensor, rounded: torch.Tensor) -> None:
         """Quantize ``weight`` to ``rounded`` (values on this grid, e.g. GPTQ's) from now on."""
+        self.rounding_offset.copy_(self.rounding_offsets(weight, rounded))
+
+    def rounding_offsets(self, weight: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+        """The offsets (int8, levels from the nearest) that ``hold_rounding(weight, rounded)`` would hold."""
         levels = quantize_uniform(rounded, self.scale, self.zero_point, self.bits)
         offset = levels - quantize_uniform(weight, self.scale, self.zero_point, self.bits)
-        most = torch.iinfo(self.rounding_offset.dtype).max
-        if offset.abs().max() > most:
-            raise ValueError(f"quantizer '{self.name}': a rounding moves a weight by more than {most} levels")
-        self.rounding_offset.copy_(offset)
+        require_offsets_fit(offset, self.rounding_offset.dtype, self.name)
+        return offset.to(self.rounding_offset.dtype)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes QUANT dequantizes, as floats in [0, 2^b - 1]."""
@@ -199,6 +228,13 @@ class WeightQuantizer(UniformQuantizer):
         return fake_quant_uniform(x, self.scale, self.zero_point, self.bits, offset=self.rounding_offset, out=out)
 
 
+def require_offsets_fit(offset: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Raise ValueError if a rounding offset does not fit ``dtype``: a check of the data, so it reads it back."""
+    most = torch.iinfo(dtype).max
+    if offset.abs().max() > most:
+        raise ValueError(f"quantizer '{name}': a rounding moves a weight by more than {most} levels")
+
+
 class LogSqrt2Quantizer(FakeQuantizer):
     """Log√2 quantizer for post-softmax attention during calibration (RepQ-ViT).
 
@@ -206,9 +242,9 @@ class LogSqrt2Quantizer(FakeQuantizer):
     selected scale, so the reparameterized model computes identical values.
     """
 
-    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...]) -> None:
-        super().__init__(name, bits, percentiles)
-        self.register_buffer("scale", torch.ones(()))
+    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...], **factory: object) -> None:
+        super().__init__(name, bits, percentiles, **factory)
+        self.register_buffer("scale", torch.ones((), **self.factory))
 
     def make_observer(self) -> LogSqrt2Observer:
         return LogSqrt2Observer(self.name, self.bits, self.percentiles)
@@ -220,7 +256,7 @@ class LogSqrt2Quantizer(FakeQuantizer):
         return fake_quant_log_sqrt2(x, self.scale, self.bits, out=out)
 
     def to_log2(self) -> Log2Quantizer:
-        log2 = Log2Quantizer(self.name, self.bits, self.percentiles)
+        log2 = Log2Quantizer(self.name, self.bits, self.percentiles, device=self.scale.device, dtype=self.scale.dtype)
         log2.scale.copy_(self.scale)
         log2.mode = self.mode
         return log2
@@ -229,9 +265,9 @@ class LogSqrt2Quantizer(FakeQuantizer):
 class Log2Quantizer(FakeQuantizer):
     """Inference form of the log√2 quantizer: ``2^-shift · (s or s·√2)``, shift-friendly on hardware."""
 
-    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...]) -> None:
-        super().__init__(name, bits, percentiles)
-        self.register_buffer("scale", torch.ones(()))
+    def __init__(self, name: str, bits: int, percentiles: tuple[float, ...], **factory: object) -> None:
+        super().__init__(name, bits, percentiles, **factory)
+        self.register_buffer("scale", torch.ones((), **self.factory))
 
     def make_observer(self) -> LogSqrt2Observer:
         raise RuntimeError(f"'{self.name}' is already in log2 inference form; calibrate before converting")

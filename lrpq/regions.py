@@ -69,7 +69,11 @@ def register_regions(block_cls: type[nn.Module], rule: RegionRule) -> None:
 
 
 def register_activation_regions(block_cls: type[nn.Module], rule: RegionRule) -> None:
-    """Declare the (elementwise activation, sink) child pairs of another block class."""
+    """Declare the (elementwise activation, sink) child pairs of another block class.
+
+    As for ``register_regions``, the activation's output must be read by its sink alone: at inference
+    the sink overwrites it with its rotated and quantized input (``QuantLinear.input_owned``).
+    """
     _ACTIVATION_RULES[block_cls] = rule
 
 

@@ -110,19 +110,32 @@ class InputReparam(nn.Module):
     as buffers.
     """
 
-    def __init__(self, channels: int, *, rotate: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        rotate: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.rotation = KroneckerRotation(channels) if rotate else None
-        self.register_buffer("r", torch.ones(channels))
-        self.register_buffer("b", torch.zeros(channels))
+        self.rotation = KroneckerRotation(channels, device=device, dtype=dtype) if rotate else None
+        self.register_buffer("r", torch.ones(channels, device=device, dtype=dtype))
+        self.register_buffer("b", torch.zeros(channels, device=device, dtype=dtype))
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """The channel mixing alone: what the per-channel fold's statistics are taken on."""
-        return x if self.rotation is None else self.rotation(x)
+    def rotate(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The channel mixing alone: what the per-channel fold's statistics are taken on.
+
+        ``out`` (possibly ``x``) receives the rotated values; without a rotation ``x`` is returned.
+        """
+        return x if self.rotation is None else self.rotation(x, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused multiply-add instead of a division and a subtraction over the widest activation.
-        return torch.addcmul(-self.b, self.rotate(x), self.r.reciprocal())
+        # One fused multiply-add instead of a division and a subtraction over the widest activation,
+        # in place on the rotation's fresh output unless autograd needs it.
+        rotated = self.rotate(x)
+        in_place = rotated is not x and not rotated.requires_grad
+        return torch.addcmul(-self.b, rotated, self.r.reciprocal(), out=rotated if in_place else None)
 
 
 @torch.no_grad()
@@ -134,7 +147,7 @@ def rotate_sink_input(reparam: InputReparam, sink: nn.Linear) -> None:
     """
     if reparam.rotation is None:
         raise ValueError("this InputReparam was built without a rotation (rotate=True)")
-    left, right = hadamard_factors(sink.in_features)
+    left, right = (factor.to(sink.weight.device) for factor in hadamard_factors(sink.in_features))
     reparam.rotation.set_factors(left, right)
     sink.weight.copy_(kronecker_rotate(sink.weight.double(), left, right))  # each row w ↦ w·(A ⊗ B)
 
@@ -195,7 +208,7 @@ def rotate_heads(
     """
     parts = ([0, 1] if query_key else []) + ([2] if proj is not None else [])
     head_dim = qkv.out_features // (3 * num_heads)
-    rotation = rotation.to(torch.float64)
+    rotation = rotation.to(qkv.weight.device, torch.float64)
     weight = qkv.weight.double().view(3, num_heads, head_dim, -1)
     bias = qkv.bias.double().view(3, num_heads, head_dim) if qkv.bias is not None else None
     for part in parts:

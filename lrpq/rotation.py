@@ -62,6 +62,22 @@ def seeded_orthogonal(order: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).contiguous()
 
 
+def hadamard_orders(channels: int) -> tuple[int, int]:
+    """Orders ``(a, b)`` of ``hadamard_factors(channels)``, without building them."""
+    if channels < 1:
+        raise ValueError(f"channels={channels} must be a positive integer")
+    odd = channels
+    while odd % 2 == 0:
+        odd //= 2
+    power = channels // odd
+    while odd > 1 and power > 1:
+        power //= 2
+        order = channels // power
+        if _is_prime(order - 1) and (order - 1) % 4 == 3:
+            return order, power
+    return odd, channels // odd
+
+
 def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal ``(A, B)`` with ``A ⊗ B`` of order ``channels``, Hadamard wherever one is known (float64).
 
@@ -69,28 +85,35 @@ def hadamard_factors(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     order ``q + 1 = m·2^j`` (``m`` the odd part of ``channels``); a power of two has ``A = [1]``, and
     a width with no Paley order falls back to a seeded orthogonal ``A`` of order ``m``.
     """
-    if channels < 1:
-        raise ValueError(f"channels={channels} must be a positive integer")
-    odd = channels
-    while odd % 2 == 0:
-        odd //= 2
-    left = torch.ones(1, 1, dtype=torch.float64) if odd == 1 else None
-    power = channels // odd
-    while left is None and power > 1:
-        power //= 2
-        order = channels // power
-        if _is_prime(order - 1) and (order - 1) % 4 == 3:
-            left = paley_hadamard(order - 1) / math.sqrt(order)
-    if left is None:
-        left, power = seeded_orthogonal(odd), channels // odd
-    return left, sylvester_hadamard(power) / math.sqrt(power)
+    left, right = hadamard_orders(channels)
+    if left == 1:
+        factor = torch.ones(1, 1, dtype=torch.float64)
+    elif left % 2 == 0:  # a Paley order q + 1 (an odd order is the fallback)
+        factor = paley_hadamard(left - 1) / math.sqrt(left)
+    else:
+        factor = seeded_orthogonal(left)
+    return factor, sylvester_hadamard(right) / math.sqrt(right)
 
 
-def kronecker_rotate(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def kronecker_rotate(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x·(A ⊗ B)`` over the last dimension, as ``Aᵀ·X·B`` on ``X = x`` viewed ``(a, b)``: ``(a + b)``
-    multiply-adds per channel instead of ``a·b``, and the dense product is never built."""
-    blocks = x.unflatten(-1, (left.shape[0], right.shape[0]))
-    return torch.matmul(left.T, blocks @ right).flatten(-2)
+    multiply-adds per channel instead of ``a·b``, and the dense product is never built.
+
+    ``Aᵀ·X`` for every row of ``x`` is one batched product with ``Aᵀ`` broadcast (a stride-0 view,
+    not a copy per row), ``·B`` one matrix product over all ``(rows·a, b)`` blocks. ``out`` (contiguous,
+    shaped like ``x``) receives the result and may be ``x`` itself: the intermediate is a buffer of
+    its own. Measured on deit_s's fc2 input (batch 32), this takes 70–90 ms against 130 ms for
+    ``matmul``'s broadcast (which copies ``Aᵀ`` per row) and 250 ms for a 7-stage butterfly of the
+    ``B = H₁₂₈`` factor: the dense 128-wide product runs at matrix-multiply speed, while each butterfly
+    stage is a full pass over memory.
+    """
+    a, b = left.shape[0], right.shape[0]
+    rows = x.reshape(-1, a, b)
+    mixed = torch.bmm(left.T.expand(len(rows), a, a), rows)
+    result = torch.mm(mixed.view(-1, b), right, out=None if out is None else out.view(-1, b))
+    return result.view(x.shape)
 
 
 class KroneckerRotation(nn.Module):
@@ -100,11 +123,13 @@ class KroneckerRotation(nn.Module):
     the factors back as buffers.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(
+        self, channels: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
-        left, right = hadamard_factors(channels)
-        self.register_buffer("left", torch.eye(left.shape[0]))
-        self.register_buffer("right", torch.eye(right.shape[0]))
+        left, right = hadamard_orders(channels)
+        self.register_buffer("left", torch.eye(left, device=device, dtype=dtype))
+        self.register_buffer("right", torch.eye(right, device=device, dtype=dtype))
 
     @torch.no_grad()
     def set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -116,5 +141,6 @@ class KroneckerRotation(nn.Module):
         self.left.copy_(left)
         self.right.copy_(right)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kronecker_rotate(x, self.left.to(x.dtype), self.right.to(x.dtype))
+    def forward(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: where the rotated values go (``kronecker_rotate``), possibly ``x``."""
+        return kronecker_rotate(x, self.left.to(x.dtype), self.right.to(x.dtype), out=out)

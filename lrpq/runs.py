@@ -100,7 +100,7 @@ def write_run(
 
     Returns the summary as written: ``summary`` and the packed file's size in bytes.
     """
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     bits = {name: quantizer.bits for name, quantizer in quantizers(model).items()}
     save_file(state, str(folder / MODEL_FILE), metadata={BITS_METADATA_KEY: json.dumps(bits)})
     save_packed(model, folder / PACKED_FILE)
@@ -256,7 +256,7 @@ def _check_packed_file(model: nn.Module, path: Path) -> None:
     _check_bits(given, stored, "weight", path)
 
 
-def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec, QuantConfig]:
     """Rebuild the quantized model of a run directory (no calibration data needed).
 
     Every file is checked against the others first: tensors against the model config.json describes,
@@ -276,7 +276,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelSpec, QuantConfig]:
     model.load_state_dict(state, strict=True)
     _check_quantizer_parameters(model, model_file)
     set_mode(model, QuantMode.QUANT)
-    return model.eval(), spec, config
+    return model.to(device).eval(), spec, config  # every tensor of the model is a parameter or buffer
 
 
 def format_summary(summary: dict[str, Any], plan: BitPlan) -> str:

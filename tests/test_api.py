@@ -103,7 +103,8 @@ def test_post_gelu_reparam_folds_channel_ranges_into_fc2_only() -> None:
         "blocks.1.mlp.fc2",
     }
     hidden = {}
-    model.blocks[0].mlp.fc2.register_forward_pre_hook(lambda _m, args: hidden.update(x=args[0]))
+    # fc2 owns its input and overwrites it with the quantized one: the hook keeps a copy.
+    model.blocks[0].mlp.fc2.register_forward_pre_hook(lambda _m, args: hidden.update(x=args[0].clone()))
     with torch.no_grad():
         model(calib)
 

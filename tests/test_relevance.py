@@ -136,6 +136,7 @@ def test_residual_add_conserves_and_clone_sums() -> None:
     r_skip, r_branch = add_relevance(skip, branch, r)
     torch.testing.assert_close(_sums(r_skip) + _sums(r_branch), _sums(r), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(clone_relevance(r_skip, r_branch), r_skip + r_branch)
+    assert torch.equal(clone_relevance(r_skip, r_branch), torch.stack([r_skip, r_branch]).sum(0))
 
 
 def test_zplus_equals_gradient_times_input_on_a_positive_linear_chain() -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrpq.rotation import KroneckerRotation, hadamard_factors, paley_hadamard, seeded_orthogonal, sylvester_hadamard
+from lrpq.rotation import (
+    KroneckerRotation,
+    hadamard_factors,
+    kronecker_rotate,
+    paley_hadamard,
+    seeded_orthogonal,
+    sylvester_hadamard,
+)
 
 
 def assert_hadamard(matrix: torch.Tensor) -> None:
@@ -77,3 +84,22 @@ def test_kronecker_rotation_refuses_factors_of_another_shape() -> None:
     rotation = KroneckerRotation(96)
     with pytest.raises(ValueError, match=r"do not match \(12, 12\) ⊗ \(8, 8\)"):
         rotation.set_factors(torch.eye(8), torch.eye(12))
+
+
+@pytest.mark.parametrize("channels", [1536, 768, 96, 64, 9])
+def test_kronecker_rotate_equals_the_dense_product_to_float32_rounding(channels: int) -> None:
+    left, right = hadamard_factors(channels)
+    x = torch.randn(3, 7, channels, generator=torch.Generator().manual_seed(channels))
+    dense = x.double() @ torch.kron(left, right)
+    fast = kronecker_rotate(x, left.float(), right.float())
+    assert fast.shape == x.shape and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, dense.float(), rtol=0, atol=4 * torch.finfo(torch.float32).eps * x.abs().max())
+    torch.testing.assert_close(kronecker_rotate(x.double(), left, right), dense, rtol=0, atol=1e-12)
+
+
+def test_kronecker_rotate_can_write_over_its_input() -> None:
+    left, right = hadamard_factors(96)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(2))
+    expected = kronecker_rotate(x, left.float(), right.float())
+    result = kronecker_rotate(x, left.float(), right.float(), out=x)
+    assert result.data_ptr() == x.data_ptr() and torch.equal(result, expected)
