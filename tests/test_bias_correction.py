@@ -89,7 +89,10 @@ def test_quantize_with_bias_correction_matches_float_means_on_the_calibration_se
         if name.endswith("attn.qkv"):  # heads are rotated and keys shifted: compare rotated float q and v
             heads = model.get_submodule(name.removesuffix(".qkv")).num_heads
             expected, got = _queries_and_values(expected, heads, rotate=True), _queries_and_values(got, heads)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        # Uncorrected, every layer here is off by >= 3e-4. Corrected, the residue is float rounding, except where
+        # the stored bias adds in a different order than the correcting pass did and flips a 4-bit code downstream
+        # (one code of 384 tokens moves a mean by ~1e-5).
+        torch.testing.assert_close(got, expected, rtol=0, atol=5e-5)
 
 
 def _queries_and_values(qkv_mean: torch.Tensor, heads: int, *, rotate: bool = False) -> torch.Tensor:
