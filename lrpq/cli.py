@@ -46,6 +46,8 @@ from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.modules import QuantConv2d
 from lrpq.outputs import staged_dir, staged_file
+from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
+from lrpq.recovery import RecoveryConfig, RecoveryReport, recover
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import REPORT_KIND, write_report_files
 from lrpq.runs import effective_plan, has_run_files, load_run, staged_run_dir, write_run
@@ -164,6 +166,32 @@ def _cost_summary(
     return plan_cost(effective_plan(model, config), costs).to_json_dict(target_cost(costs, targets, pinned))
 
 
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
+    """--recover's config (a bad loss spec is refused here, before any work), or None without it."""
+    if args.recover is None:
+        if args.recover_steps is not None:
+            raise LrpqError("--recover-steps sets how long --recover trains: pass it with --recover")
+        return None
+    steps = {} if args.recover_steps is None else {"steps": args.recover_steps}
+    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps)
+
+
+def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | None) -> dict[str, object]:
+    """Flat summary entries (summary.txt shows flat values only) saying whether and how the run was recovered."""
+    if report is None or config is None:
+        return {"recovered": False}
+    return {
+        "recovered": True,
+        "recovery_loss": report.loss,
+        "recovery_steps": report.steps,
+        "recovery_learned": ",".join(config.learn),
+        "recovery_seconds": report.seconds,
+        "recovery_loss_first": round(report.first_loss, 6),
+        "recovery_loss_last": round(report.last_loss, 6),
+        "recovery_changed_levels": report.changed_levels,
+    }
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
@@ -171,6 +199,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if getattr(args, flag) and not args.mixed:
             raise LrpqError(f"--{flag} shapes a mixed plan: pass it with --mixed")
     wbits, abits = _targets(args)
+    recovery = _recovery_config(args)
     budget = args.budget or default_budget(args.allocator)
     if args.mixed:
         check_request(args.allocator, budget, wbits, abits)
@@ -205,6 +234,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
             config = config.with_plan(mixed.plan)
         quantize(model, config, calib, batch_size=args.batch_size)
+        calibration_seconds = round(time.perf_counter() - started, 2)
+        report = recover(model, build_model(spec), calib, recovery) if recovery is not None else None
         summary = {
             "model": spec.source,
             "timm_name": spec.timm_name,
@@ -223,7 +254,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calibration_images": int(calib.shape[0]),
             "calibration_batch_size": args.batch_size,
             "seed": args.seed,
-            "calibration_seconds": round(time.perf_counter() - started, 2),
+            "calibration_seconds": calibration_seconds,
+            **_recovery_summary(report, recovery),
             **_cost_summary(model, config, (wbits, abits), tuple(calib.shape[1:])),
         }
         if mixed is not None:
@@ -238,8 +270,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if mixed.noise is not None:
                 summary |= {"noise_images": mixed.noise.num_images, "noise_method": args.noise_method}
                 mixed.noise.save(staging / "noise.json")
-        write_run(staging, model, spec, config, summary)
-    print(f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s → {out_dir}")
+        write_run(staging, model, spec, config, summary, {"recovery": recovery.to_json_dict()} if recovery else None)
+    recovered = f", recovered by {report.loss} in {report.seconds} s" if report is not None else ""
+    print(f"quantized {spec.source} to W{wbits}A{abits} in {calibration_seconds} s{recovered} → {out_dir}")
     return 0
 
 
@@ -464,6 +497,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images (from --calib-data) to score layers on (default {DEFAULT_RELEVANCE_IMAGES})",
     )
     q.add_argument("--scores", help="layer scores JSON from `lrpq relevance` instead of computing them")
+    q.add_argument(
+        "--recover",
+        nargs="?",
+        const=DEFAULT_RECOVERY_LOSS,
+        metavar="LOSS[+LOSS…]",
+        help="after calibration, train rounding, activation scales, LayerNorm and biases against the float model "
+        f"on the calibration images with this distillation loss (e.g. kd:0.5+mse; default {DEFAULT_RECOVERY_LOSS})",
+    )
+    q.add_argument(
+        "--recover-steps",
+        type=_positive_int,
+        help=f"optimisation steps of --recover (default {RecoveryConfig.steps})",
+    )
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     q.set_defaults(func=cmd_quantize)
