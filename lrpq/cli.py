@@ -49,6 +49,8 @@ from lrpq.outputs import staged_dir, staged_file
 from lrpq.prune.cli import add_prune_parser
 from lrpq.prune.cost import model_cost
 from lrpq.prune.run_dir import is_pruned_run
+from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
+from lrpq.recovery import RecoveryConfig, RecoveryReport, recover
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
 from lrpq.relevance_export import REPORT_KIND, write_report_files
 from lrpq.runs import has_run_files, load_run, staged_run_dir, write_run
@@ -156,6 +158,32 @@ def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -
     return Path("runs") / f"{name}-w{wbits}a{abits}{'-mixed' if mixed else ''}"
 
 
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
+    """--recover's config (a bad loss spec is refused here, before any work), or None without it."""
+    if args.recover is None:
+        if args.recover_steps is not None:
+            raise LrpqError("--recover-steps sets how long --recover trains: pass it with --recover")
+        return None
+    steps = {} if args.recover_steps is None else {"steps": args.recover_steps}
+    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps)
+
+
+def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | None) -> dict[str, object]:
+    """Flat summary entries (summary.txt shows flat values only) saying whether and how the run was recovered."""
+    if report is None or config is None:
+        return {"recovered": False}
+    return {
+        "recovered": True,
+        "recovery_loss": report.loss,
+        "recovery_steps": report.steps,
+        "recovery_learned": ",".join(config.learn),
+        "recovery_seconds": report.seconds,
+        "recovery_loss_first": round(report.first_loss, 6),
+        "recovery_loss_last": round(report.last_loss, 6),
+        "recovery_changed_levels": report.changed_levels,
+    }
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
@@ -163,6 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if getattr(args, flag) and not args.mixed:
             raise LrpqError(f"--{flag} shapes a mixed plan: pass it with --mixed")
     wbits, abits = _targets(args)
+    recovery = _recovery_config(args)
     budget = args.budget or default_budget(args.allocator)
     if args.mixed:
         check_request(args.allocator, budget, wbits, abits)
@@ -199,6 +228,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
             config = config.with_plan(mixed.plan)
         quantize(model, config, calib, batch_size=args.batch_size)
+        calibration_seconds = round(time.perf_counter() - started, 2)
+        report = recover(model, build_model(spec).to(device), calib, recovery) if recovery is not None else None
         summary = {
             "model": spec.source,
             "timm_name": spec.timm_name,
@@ -217,7 +248,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "calibration_images": int(calib.shape[0]),
             "calibration_batch_size": args.batch_size,
             "seed": args.seed,
-            "calibration_seconds": round(time.perf_counter() - started, 2),
+            "calibration_seconds": calibration_seconds,
+            **_recovery_summary(report, recovery),
             **quantized_model_cost(model, config, (wbits, abits), tuple(calib.shape[1:])),
             **cost.to_json_dict(),
         }
@@ -233,9 +265,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if mixed.noise is not None:
                 summary |= {"noise_images": mixed.noise.num_images, "noise_method": args.noise_method}
                 mixed.noise.save(staging / "noise.json")
-        summary = write_run(staging, model, spec, config, summary)
+        sections = {"recovery": recovery.to_json_dict()} if recovery is not None else None
+        summary = write_run(staging, model, spec, config, summary, sections)
+    recovered = f", recovered by {report.loss} in {report.seconds} s" if report is not None else ""
     print(
-        f"quantized {spec.source} to W{wbits}A{abits} in {summary['calibration_seconds']} s, "
+        f"quantized {spec.source} to W{wbits}A{abits} in {calibration_seconds} s{recovered}, "
         f"packed {summary['packed_bytes']} bytes → {out_dir}"
     )
     return 0
@@ -472,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images (from --calib-data) to score layers on (default {DEFAULT_RELEVANCE_IMAGES})",
     )
     q.add_argument("--scores", help="layer scores JSON from `lrpq relevance` instead of computing them")
+    q.add_argument(
+        "--recover",
+        nargs="?",
+        const=DEFAULT_RECOVERY_LOSS,
+        metavar="LOSS[+LOSS…]",
+        help="after calibration, train rounding, activation scales, LayerNorm and biases against the float model "
+        f"on the calibration images with this distillation loss (e.g. kd:0.5+mse; default {DEFAULT_RECOVERY_LOSS})",
+    )
+    q.add_argument(
+        "--recover-steps",
+        type=_positive_int,
+        help=f"optimisation steps of --recover (default {RecoveryConfig.steps})",
+    )
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     add_device_argument(q)

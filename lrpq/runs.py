@@ -94,18 +94,25 @@ def effective_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
 
 
 def write_run(
-    folder: Path, model: nn.Module, spec: ModelSpec, config: QuantConfig, summary: dict[str, Any]
+    folder: Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    config: QuantConfig,
+    summary: dict[str, Any],
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the files of a run directory into ``folder`` (a staging folder: see ``staged_run_dir``).
 
-    Returns the summary as written: ``summary`` and the packed file's size in bytes.
+    Returns the summary as written: ``summary`` and the packed file's size in bytes. ``sections`` are
+    more config.json sections that say how the model was made (e.g. ``recovery``); loading reads only
+    the model and quant sections, since the state dict holds everything else.
     """
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     bits = {name: quantizer.bits for name, quantizer in quantizers(model).items()}
     save_file(state, str(folder / MODEL_FILE), metadata={BITS_METADATA_KEY: json.dumps(bits)})
     save_packed(model, folder / PACKED_FILE)
     summary = {**summary, "packed_bytes": (folder / PACKED_FILE).stat().st_size}
-    payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict()}
+    payload = {"model": spec.to_json_dict(), "quant": config.to_json_dict(), **(sections or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     plan = effective_plan(model, config)
     plan.save(folder / BITS_FILE)
@@ -123,10 +130,11 @@ def save_run(
     *,
     overwrite: bool = False,
     extra_files: Callable[[Path], None] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete run directory atomically; ``extra_files(staging)`` may add more files."""
     with staged_run_dir(out_dir, overwrite) as staging:
-        write_run(staging, model, spec, config, summary)
+        write_run(staging, model, spec, config, summary, sections)
         if extra_files is not None:
             extra_files(staging)
     return Path(out_dir)

@@ -1,0 +1,67 @@
+"""``RecoveryConfig``: everything that determines a recovery, given the quantized model and its images."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from lrpq.distill import parse_spec
+from lrpq.errors import LrpqError
+from lrpq.recovery.learnable import LEARNABLE
+
+DEFAULT_LOSS = "mse"
+
+
+class RecoveryError(LrpqError):
+    """A recovery setting that cannot be honoured (no steps, an unknown thing to learn, …)."""
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """The distillation objective, its schedule and what it may change.
+
+    ``loss`` is an ``lrpq.distill.build_loss`` spec (``"kd:0.5+mse"``) on the student's and the float
+    teacher's features; ``steps`` optimisation steps of ``batch_size`` augmented calibration images
+    (``augment``), Adam with a short warm-up and a cosine decay, one learning rate per group of
+    ``learn`` (``lrpq.recovery.learnable``): rounding variables (``lr_rounding``), log activation
+    scales (``lr_scales``), LayerNorm/LayerScale/bias floats and the loss's own connectors
+    (``lr_floats``, relative to each tensor's root mean square). ``seed`` fixes the batches and views.
+    """
+
+    loss: str = DEFAULT_LOSS
+    steps: int = 200
+    batch_size: int = 8
+    lr_rounding: float = 1e-3
+    lr_scales: float = 1e-4
+    lr_floats: float = 1e-2
+    learn: tuple[str, ...] = LEARNABLE
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parse_spec(self.loss)  # an unknown loss is the registry's one-line error
+        object.__setattr__(self, "learn", tuple(self.learn))
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecoveryError(f"recovery {name}={value!r} must be a positive integer")
+        for name in ("lr_rounding", "lr_scales", "lr_floats"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise RecoveryError(f"recovery {name}={value!r} must be a non-negative number")
+        unknown = [item for item in self.learn if item not in LEARNABLE]
+        if unknown or not self.learn or len(set(self.learn)) != len(self.learn):
+            asked = ", ".join(self.learn) or "nothing"
+            raise RecoveryError(f"recovery can learn some of {', '.join(LEARNABLE)} (each once), not {asked}")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "learn": list(self.learn)}
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> RecoveryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecoveryError(f"unknown recovery setting {unknown[0]!r}")
+        return cls(**{**data, **({"learn": tuple(data["learn"])} if "learn" in data else {})})

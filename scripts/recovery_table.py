@@ -1,0 +1,259 @@
+"""Recovery measured: every distillation loss alone and chosen combinations, over calibration draws.
+
+For each reference model, width (W4A4, W3A3) and plan (fixed bits, or ``--mixed`` with the library's
+default allocator), each calibration draw (``draw_calibration_set(calib folder, 32, seed)``) is
+quantized once and evaluated unrecovered; then a copy of it is recovered with each loss spec
+(``lrpq.recovery.recover``, the draw as its seed) and evaluated on the whole dev folder (or
+``--limit`` images), keeping every image's correctness. The float model is evaluated once per model.
+
+Every (model, width, plan, row, draw) is stored as one JSON file in ``--out`` and skipped when it is
+there with the same setting, so the script resumes; quantized draws are kept as run directories in
+``--cache`` so a resumed run does not calibrate again. ``--doc`` gets one table per (model, width,
+plan) between the markers below (the rest of the file is left as it is):
+
+    python scripts/recovery_table.py --models ref-A --bits 4 3 --plans fixed mixed --draws 0 1 2
+    python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 1 2   # all 15 losses
+    python scripts/recovery_table.py --models ref-B --bits 4 3 --plans fixed mixed --draws 0 1 2 \
+        --losses mse --combos "kd+mse"
+    python scripts/recovery_table.py --models ref-A --bits 3 --plans fixed --draws 0 --losses mse \
+        --variant "mse, rounding only" '{"learn": ["rounding"], "lr_rounding": 0.001}'
+
+A cell gives the top-1 per draw and its mean; the gaps to the unrecovered model and to float are
+averaged over the draws both rows have, with a paired 95 % interval over images (each image's
+correctness averaged over the draws, as ``scripts/sweep.py`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from results_table import REFERENCES, REPO, Reference
+from sweep import mean_gap
+
+from lrpq import QuantConfig, quantize
+from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
+from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
+from lrpq.distill import LOSSES
+from lrpq.evaluate import EvalResult, evaluate
+from lrpq.models import build_model, resolve_model
+from lrpq.recovery import RecoveryConfig, recover
+from lrpq.runs import is_run_dir, load_run, save_run
+
+CALIBRATION_IMAGES = 32
+START, END = "<!-- recovery-table:start -->", "<!-- recovery-table:end -->"
+UNRECOVERED, FLOAT = "unrecovered", "float"
+
+
+def _pack(correct: tuple[bool, ...]) -> str:
+    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
+
+
+def _unpack(row: dict) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), dtype=np.uint8))[: row["n"]].astype(float)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
+
+
+class Measurements:
+    """The stored rows of one (model, width, plan): ``<out>/<group>/<row>@<draw>.json``."""
+
+    def __init__(self, out: Path, group: str) -> None:
+        self.folder = out / group
+
+    def path(self, row: str, draw: int | None) -> Path:
+        return self.folder / f"{_slug(row)}{'' if draw is None else f'@{draw}'}.json"
+
+    def get(self, row: str, draw: int | None, setting: dict[str, Any]) -> dict | None:
+        path = self.path(row, draw)
+        stored = json.loads(path.read_text()) if path.is_file() else None
+        return stored if stored is not None and stored.get("setting") == setting else None
+
+    def put(self, row: str, draw: int | None, setting: dict[str, Any], result: EvalResult, **facts: Any) -> dict:
+        stored = {"top1": result.top1, "n": result.n, "correct": _pack(result.correct), **facts, "setting": setting}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path(row, draw).write_text(json.dumps(stored, indent=1) + "\n")
+        return stored
+
+
+class ReferenceModel:
+    """One reference model's card, dev images (decoded once) and quantized draws (kept as run directories)."""
+
+    def __init__(self, name: str, ref: Reference, cache: Path, limit: int | None) -> None:
+        self.name, self.ref, self.cache, self.limit = name, ref, cache, limit
+        self.spec = resolve_model(str(ref.card))
+        self._dev: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def dev(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._dev is None:
+            classes = build_model(self.spec).num_classes
+            loader = make_loader(
+                self.ref.data / "dev", self.spec.data_config, self.spec.classes, classes, 100, self.limit
+            )
+            self._dev = list(loader)
+        return self._dev
+
+    def calib(self, draw: int) -> torch.Tensor:
+        paths = draw_calibration_set(self.ref.data / "calib", CALIBRATION_IMAGES, draw)
+        return load_calibration_images(paths, self.spec.data_config)
+
+    def quantized(self, bits: int, plan: str, draw: int) -> torch.nn.Module:
+        """The draw's quantized model, calibrated once and then read back from ``--cache``."""
+        folder = self.cache / f"{self.name}-w{bits}a{bits}-{plan}@{draw}"
+        if is_run_dir(folder):
+            return load_run(folder)[0]
+        torch.manual_seed(draw)
+        model, calib, config = build_model(self.spec), self.calib(draw), QuantConfig(bits, bits)
+        if plan == "mixed":
+            plan_made = mixed_plan(model, config, calib, allocator=DEFAULT_ALLOCATOR, progress=False)
+            config = config.with_plan(plan_made.plan)
+        quantize(model, config, calib, progress=False)
+        save_run(folder, model, self.spec, config, {"draw": draw}, overwrite=True)
+        return model
+
+
+def measure(
+    ref: ReferenceModel,
+    bits: int,
+    plan: str,
+    rows: dict[str, dict[str, Any]],
+    draws: list[int],
+    steps: int | None,
+    out: Path,
+) -> Measurements:
+    """Fill every missing (row, draw) of one (model, width, plan) and return its measurements."""
+    group = Measurements(out, f"{ref.name}-w{bits}a{bits}-{plan}")
+    base = {"model": ref.name, "limit": ref.limit, "threads": torch.get_num_threads()}
+    for draw in draws:
+        quantized = None
+        for row in [UNRECOVERED, *rows]:
+            fields = {**rows[row], "seed": draw, **_steps(steps)} if row != UNRECOVERED else None
+            recovery = RecoveryConfig(**fields) if fields is not None else None
+            setting = {**base, "bits": bits, "plan": plan, "draw": draw}
+            setting["recovery"] = recovery.to_json_dict() if recovery else None
+            if group.get(row, draw, setting) is not None:
+                continue
+            quantized = quantized if quantized is not None else ref.quantized(bits, plan, draw)
+            model, facts = copy.deepcopy(quantized), {}
+            if recovery is not None:
+                report = recover(model, build_model(ref.spec), ref.calib(draw), recovery, progress=False)
+                facts = {"steps": report.steps, "seconds": report.seconds, "curve": list(report.curve)}
+            started = time.perf_counter()
+            result = evaluate(model, ref.dev(), progress=False)
+            stored = group.put(row, draw, setting, result, **facts)
+            seconds = f"{facts['seconds']:.0f} s recovery, " if facts else ""
+            took = f"{seconds}{time.perf_counter() - started:.0f} s eval"
+            print(f"{group.folder.name} {row:<14} draw {draw}: top-1 {stored['top1']:6.2f}% ({took})", flush=True)
+    return group
+
+
+def float_row(ref: ReferenceModel, out: Path) -> dict:
+    """The float model's top-1 and per-image correctness, measured once per model (``<out>/<model>/float.json``)."""
+    group = Measurements(out, ref.name)
+    setting = {"model": ref.name, "limit": ref.limit, "threads": torch.get_num_threads()}
+    stored = group.get(FLOAT, None, setting)
+    return stored or group.put(FLOAT, None, setting, evaluate(build_model(ref.spec), ref.dev(), progress=False))
+
+
+def _steps(steps: int | None) -> dict[str, int]:
+    return {} if steps is None else {"steps": steps}
+
+
+def table(group: Measurements, rows: dict[str, dict[str, Any]], draws: list[int], reference: dict) -> str:
+    """Markdown: per row the top-1 of every draw, the mean, the gaps to unrecovered and float, steps and time."""
+    stored = {path.stem: json.loads(path.read_text()) for path in sorted(group.folder.glob("*.json"))}
+    head = "| row | " + " | ".join(f"draw {d}" for d in draws) + " | mean | − unrecovered | − float | steps | s |"
+    lines = [head, "|---|" + "---:|" * (len(draws) + 5)]
+    for row in [UNRECOVERED, *rows]:
+        have = {d: stored[f"{_slug(row)}@{d}"] for d in draws if f"{_slug(row)}@{d}" in stored}
+        if not have:
+            continue
+        correct = {d: _unpack(r) for d, r in have.items()}
+        cells = [f"{have[d]['top1']:.2f}" if d in have else "–" for d in draws]
+        cells.append(f"{100 * np.mean([c.mean() for c in correct.values()]):.2f}")
+        base = {d: _unpack(stored[f"{_slug(UNRECOVERED)}@{d}"]) for d in have if f"{_slug(UNRECOVERED)}@{d}" in stored}
+        if row != UNRECOVERED and base:
+            cells.append(_gap(np.array([correct[d] for d in base]), np.array(list(base.values()))))
+        else:
+            cells.append("")
+        cells.append(_gap(np.array(list(correct.values())), _unpack(reference)[None]))
+        steps = {r.get("steps") for r in have.values()} - {None}
+        cells.append(", ".join(map(str, sorted(steps))))
+        seconds = [r["seconds"] for r in have.values() if "seconds" in r]
+        cells.append(f"{sum(seconds) / len(seconds):.0f}" if seconds else "")
+        label = f"recovered: {row}" if row != UNRECOVERED else row
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _gap(model: np.ndarray, reference: np.ndarray) -> str:
+    if reference.shape[0] == 1:
+        reference = np.repeat(reference, model.shape[0], axis=0)
+    mean, low, high = mean_gap(model, reference)
+    return f"{mean:+.2f} ({low:+.2f} … {high:+.2f})"
+
+
+def write_doc(doc: Path, sections: list[str]) -> None:
+    """Put the tables between the markers of ``doc``, keeping the rest; a new file gets only the markers."""
+    text = doc.read_text() if doc.is_file() else f"# Recovery\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc} lacks the markers {START} … {END}; add them where the tables belong")
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(f"{before}{START}\n\n" + "\n".join(sections) + f"\n{END}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="W=A widths (default 4 3)")
+    parser.add_argument("--plans", nargs="+", choices=("fixed", "mixed"), default=["fixed", "mixed"])
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), help="single losses (default all 15)")
+    parser.add_argument("--combos", nargs="*", default=[], help="more loss specs, e.g. kd+mse")
+    parser.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON"),
+        help='a row of other RecoveryConfig fields, e.g. rounding \'{"learn": ["rounding"], "lr_rounding": 0.001}\'',
+    )
+    parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
+    parser.add_argument("--steps", type=int, help=f"recovery steps (default {RecoveryConfig.steps})")
+    parser.add_argument("--limit", type=int, help="an evenly spaced subset of each dev folder")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "recovery")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "recovery-table")
+    parser.add_argument("--doc", type=Path, default=REPO / "docs" / "recovery.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {spec: {"loss": spec} for spec in [*args.losses, *args.combos]}
+    rows |= {name: json.loads(fields) for name, fields in args.variant}
+    for fields in rows.values():
+        RecoveryConfig(**fields)  # a bad row fails before any work
+    sections = []
+    for name in args.models:
+        ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit)
+        reference = float_row(ref, args.out)
+        for bits in args.bits:
+            for plan in args.plans:
+                group = measure(ref, bits, plan, rows, args.draws, args.steps, args.out)
+                dev = f"{ref.limit} dev images" if ref.limit else "all dev images"
+                title = f"### {REFERENCES[name].label}, W{bits}A{bits} {plan} ({dev}; float {reference['top1']:.2f})"
+                sections.append(f"{title}\n\n{table(group, rows, args.draws, reference)}")
+                print(sections[-1], flush=True)
+    write_doc(args.doc, sections)
+
+
+if __name__ == "__main__":
+    main()
