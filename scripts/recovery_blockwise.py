@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from measure import REFERENCES, REPO
 from recovery_table import ReferenceModel
-from results_table import REFERENCES, REPO
 from torch import nn
 
 from lrpq.evaluate import evaluate

@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from results_table import REFERENCES, REPO, Reference
-from sweep import mean_gap
+from measure import REFERENCES, REPO, Reference, mean_gap
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
