@@ -35,18 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from measure import REFERENCES, REPO, Reference, mean_gap
+from measure import REFERENCES, REPO, Measurer, Reference, mean_gap
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
-from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
 from lrpq.distill import LOSSES
 from lrpq.evaluate import EvalResult, evaluate
-from lrpq.models import build_model, resolve_model
+from lrpq.models import build_model
 from lrpq.recovery import RecoveryConfig, recover
 from lrpq.runs import is_run_dir, load_run, save_run
 
-CALIBRATION_IMAGES = 32
 START, END = "<!-- recovery-table:start -->", "<!-- recovery-table:end -->"
 UNRECOVERED, FLOAT = "unrecovered", "float"
 
@@ -84,26 +82,13 @@ class Measurements:
         return stored
 
 
-class ReferenceModel:
-    """One reference model's card, dev images (decoded once) and quantized draws (kept as run directories)."""
+class ReferenceModel(Measurer):
+    """``Measurer``'s reference model (dev images decoded once, calibration draws) with its quantized draws
+    kept as run directories."""
 
     def __init__(self, name: str, ref: Reference, cache: Path, limit: int | None) -> None:
-        self.name, self.ref, self.cache, self.limit = name, ref, cache, limit
-        self.spec = resolve_model(str(ref.card))
-        self._dev: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def dev(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self._dev is None:
-            classes = build_model(self.spec).num_classes
-            loader = make_loader(
-                self.ref.data / "dev", self.spec.data_config, self.spec.classes, classes, 100, self.limit
-            )
-            self._dev = list(loader)
-        return self._dev
-
-    def calib(self, draw: int) -> torch.Tensor:
-        paths = draw_calibration_set(self.ref.data / "calib", CALIBRATION_IMAGES, draw)
-        return load_calibration_images(paths, self.spec.data_config)
+        super().__init__(ref, limit, torch.get_num_threads())
+        self.name, self.cache = name, cache
 
     def quantized(self, bits: int, plan: str, draw: int) -> torch.nn.Module:
         """The draw's quantized model, calibrated once and then read back from ``--cache``."""

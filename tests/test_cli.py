@@ -16,10 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import assert_one_error_line, quantize_args, run_cli, write_class_images
 from conftest import MISSING_CARD
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -69,14 +69,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     save_file(random_state(0), str(root / "tiny.safetensors"))
     save_file(random_state(0, embed_dim=32), str(root / "wrong.safetensors"))
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    for label, class_name in enumerate(CLASSES):
-        (data / class_name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            pixels[..., label] = 255 - 40 * i  # a class-dependent colour cast
-            Image.fromarray(pixels).save(data / class_name / f"{i}.png")
+    data = write_class_images(root / "data", CLASSES)
     (root / "empty").mkdir()
     return {
         "root": root,
@@ -84,40 +77,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wrong_card": write_card(root, "wrong.json", "wrong.safetensors"),
         "data": data,
     }
-
-
-def run_cli(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of ``lrpq argv``; argparse's SystemExit counts as a status."""
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_error_line(status: int, err: str, *named: str) -> str:
-    assert status == 2
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    for text in named:
-        assert text in errors[0], (text, errors[0])
-    return errors[0]
-
-
-def quantize_args(workspace: dict[str, Path], *extra: str | Path) -> list[str | Path]:
-    return [
-        "quantize",
-        workspace["card"],
-        "--wbits",
-        "8",
-        "--calib-data",
-        workspace["data"],
-        "--calib-size",
-        "4",
-        *extra,
-    ]
 
 
 def test_unknown_model_suggests_close_names(capsys: pytest.CaptureFixture[str]) -> None:

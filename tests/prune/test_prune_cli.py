@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from cli_helpers import assert_one_error_line, run_cli, write_class_images
 from safetensors.torch import save_file
 
-from lrpq.cli import main
 from lrpq.models import build_model, resolve_model
 from lrpq.runs import load_run
 
@@ -35,33 +33,11 @@ def save_random_weights(path: Path, **kwargs: object) -> None:
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
 
 
-def run_cli(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of ``lrpq argv``; argparse's SystemExit counts as a status."""
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_error_line(status: int, err: str, *named: str) -> None:
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert status == 2 and "Traceback" not in err and len(errors) == 1, err
-    assert all(text in errors[0] for text in named), (named, errors[0])
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prune-cli")
     save_random_weights(root / "tiny.safetensors")
-    rng = np.random.default_rng(0)
-    for label, class_name in enumerate(CLASSES):
-        (root / "data" / class_name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            pixels[..., label] = 255 - 40 * i
-            Image.fromarray(pixels).save(root / "data" / class_name / f"{i}.png")
+    write_class_images(root / "data", CLASSES)
     return {
         "root": root,
         "card": write_card(root, "tiny.json", "tiny.safetensors", TINY_KWARGS),

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from cli_helpers import assert_one_error_line, quantize_args, run_cli, write_class_images
 from safetensors.torch import save_file
 
-from lrpq.cli import main
 from lrpq.recovery import DEFAULT_LOSS, RecoveryConfig
 from lrpq.runs import load_run
 
@@ -30,46 +28,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(root / "tiny.safetensors"))
     card = {"timm_name": "vit_tiny_patch16_224", "kwargs": KWARGS, "checkpoint": "tiny.safetensors"}
     (root / "tiny.json").write_text(json.dumps({**card, "data_config": DATA_CONFIG, "classes": CLASSES}))
-    rng = np.random.default_rng(0)
-    for label, class_name in enumerate(CLASSES):
-        (root / "data" / class_name).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            pixels[..., label] = 255 - 40 * i
-            Image.fromarray(pixels).save(root / "data" / class_name / f"{i}.png")
+    write_class_images(root / "data", CLASSES)
     return {"card": root / "tiny.json", "data": root / "data"}
-
-
-def quantize_args(workspace: dict[str, Path], *extra: str | Path) -> list[str | Path]:
-    return [
-        "quantize",
-        workspace["card"],
-        "--wbits",
-        "8",
-        "--calib-data",
-        workspace["data"],
-        "--calib-size",
-        "4",
-        *extra,
-    ]
-
-
-def run_cli(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of ``lrpq argv``; argparse's SystemExit counts as a status."""
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_error_line(status: int, err: str, *named: str) -> None:
-    assert status == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    for text in named:
-        assert text in errors[0], (text, errors[0])
 
 
 def test_recover_writes_a_recovered_run_that_loads_and_evaluates(
