@@ -27,7 +27,13 @@ import torch
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.budget import quantized_model_cost
-from lrpq.allocation.plans import NOISE_ALLOCATORS, RELEVANCE_ALLOCATORS, mixed_plan
+from lrpq.allocation.plans import (
+    DEFAULT_RELEVANCE_WEIGHT,
+    NOISE_ALLOCATORS,
+    RELEVANCE_ALLOCATORS,
+    default_budget,
+    mixed_plan,
+)
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
 from lrpq.evaluate import Z_95, evaluate
 from lrpq.models import build_model, resolve_model
@@ -64,6 +70,38 @@ class Row:
         """What the stored result of this row and draw must have been measured with to be reused."""
         targets = None if self.targets is None else list(self.targets)
         return {"targets": targets, "variant": self.variant, "draw": draw, "limit": limit, "threads": threads}
+
+
+def resolved(setting: dict[str, Any]) -> dict[str, Any]:
+    """``setting`` with its mixed plan's defaults written out (the budget; the relevance allocator's weight),
+    so a row that asks for the default and one that names it compare equal, and neither matches a result
+    measured under another default."""
+    mixed = setting["variant"].get("mixed")
+    if mixed is None:
+        return setting
+    filled = {"budget": default_budget(mixed["allocator"]), **mixed}
+    if mixed["allocator"] == "relevance":
+        filled.setdefault("relevance_weight", DEFAULT_RELEVANCE_WEIGHT)
+    return {**setting, "variant": {**setting["variant"], "mixed": filled}}
+
+
+def adopt(
+    stored: dict[str, dict], rows: list[Row], draws: list[int], sources: list[Path], *, limit: int | None, threads: int
+) -> list[str]:
+    """Copy into ``stored`` each ``row@draw`` it lacks that a file in ``sources`` (e.g. a sweep's) measured with
+    the same resolved setting; returns the keys adopted. Saves measuring a configuration twice."""
+    measured = [entry for path in sources for entry in json.loads(path.read_text()).values()]
+    adopted = []
+    for draw in draws:
+        for row in rows:
+            key, wanted = f"{row.label}@{draw}", resolved(row.setting(draw, limit, threads))
+            if key in stored and resolved(stored[key]["setting"]) == wanted:
+                continue
+            match = next((entry for entry in measured if resolved(entry["setting"]) == wanted), None)
+            if match is not None:
+                stored[key] = match
+                adopted.append(key)
+    return adopted
 
 
 class Measurer:
@@ -150,8 +188,9 @@ def run_rows(
     measurer = Measurer(ref, limit, threads)
     for draw in draws:
         for row in rows:
-            key = f"{row.label}@{draw}"
-            if row.label not in rerun and stored.get(key, {}).get("setting") == row.setting(draw, limit, threads):
+            key, have = f"{row.label}@{draw}", stored.get(f"{row.label}@{draw}")
+            wanted = resolved(row.setting(draw, limit, threads))
+            if row.label not in rerun and have is not None and resolved(have["setting"]) == wanted:
                 continue
             stored[key] = measurer.measure(row, draw)
             path.parent.mkdir(parents=True, exist_ok=True)

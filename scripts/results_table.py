@@ -10,12 +10,14 @@ and ``docs/accuracy_vs_bits.png`` (top-1 against parameter-weighted weight bits)
 
     python scripts/results_table.py                      # both models, every row, draws 0–2
     python scripts/results_table.py --models ref-B --targets W4A4 --rerun "W4A4 mixed, relevance"
+    python scripts/results_table.py --adopt-sweeps --stored-only   # tables from stored rows and sweeps
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from measure import REFERENCES, REPO, Row, correctness, gap_cell, measured_draws, run_rows
+from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, measured_draws, run_rows
 
 from lrpq.allocation.plans import ALLOCATORS, DEFAULT_ALLOCATOR, default_budget
 
@@ -32,11 +34,11 @@ DRAWS = [0, 1, 2]
 FLOAT = Row("float", None)
 
 
-def rows_for(target: str) -> list[Row]:
-    """The fixed-bit row of ``target`` and its mixed twin by every allocator."""
+def rows_for(target: str, allocators: Sequence[str] = ALLOCATORS) -> list[Row]:
+    """The fixed-bit row of ``target`` and its mixed twin by each of ``allocators``."""
     bits = TARGETS[target]
     mixed = [
-        Row(f"{target} mixed, {a}", bits, {"mixed": {"allocator": a, "budget": default_budget(a)}}) for a in ALLOCATORS
+        Row(f"{target} mixed, {a}", bits, {"mixed": {"allocator": a, "budget": default_budget(a)}}) for a in allocators
     ]
     return [Row(f"{target} fixed", bits), *mixed]
 
@@ -145,17 +147,33 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     parser.add_argument("--draws", type=int, nargs="+", default=DRAWS)
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS), help="mixed rows")
     parser.add_argument("--rerun", nargs="*", default=[], help="row labels to measure again even if stored")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=REPO / "results")
+    parser.add_argument(
+        "--adopt-sweeps",
+        action="store_true",
+        help="first take every row a sweep in RESULTS/sweeps measured with the same setting (scripts/sweep.py)",
+    )
+    parser.add_argument("--stored-only", action="store_true", help="measure nothing: tables from what is stored")
     args = parser.parse_args()
     for name in args.models:
-        rows = [FLOAT] + [row for target in args.targets for row in rows_for(target)]
+        rows = [FLOAT] + [row for target in args.targets for row in rows_for(target, args.allocators)]
+        path = args.results / f"{name}.json"
+        if args.adopt_sweeps:
+            stored = json.loads(path.read_text()) if path.is_file() else {}
+            sweeps = sorted((args.results / "sweeps").glob(f"*-{name.replace('-', '')}-*.json"))
+            adopted = adopt(stored, rows, args.draws, sweeps, limit=None, threads=args.threads)
+            path.write_text(json.dumps(stored, indent=1) + "\n")
+            print(f"{name}: adopted {len(adopted)} measurements from {len(sweeps)} sweeps")
+        if args.stored_only:
+            continue
         run_rows(
             REFERENCES[name],
             rows,
             args.draws,
-            args.results / f"{name}.json",
+            path,
             limit=None,
             threads=args.threads,
             rerun=set(args.rerun),

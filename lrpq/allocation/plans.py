@@ -40,6 +40,8 @@ ALLOCATORS = ("paper", "exact", "sensitivity", "relevance")
 DEFAULT_ALLOCATOR = "relevance"
 NOISE_METHODS = ("estimate", "exact")
 DEFAULT_RELEVANCE_WEIGHT = 0.5  # γ of the relevance allocator
+RELEVANCE_SCALES = ("block", "kind")  # what a layer's relevance is compared with (``relevance_weights``)
+DEFAULT_RELEVANCE_SCALE = "block"
 RELEVANCE_ALLOCATORS = ("paper", "exact", "relevance")
 NOISE_ALLOCATORS = ("sensitivity", "relevance")
 Curves = Mapping[str, Mapping[int, float]]
@@ -140,11 +142,40 @@ def plan_widths(
     return BitPlan({name: LayerBits(weights.get(name, unused), inputs[name]) for name in names})
 
 
-def relevance_weights(scores: LayerScores, names: list[str], gamma: float) -> dict[str, float]:
-    """``(I_l / Ī)^γ`` per layer: its block-relative relevance over the mean of those; 1 outside the blocks."""
-    relative = allocatable(scores).relative()
-    mean = sum(relative.values()) / len(relative)
-    return {name: (relative[name] / mean) ** gamma if name in relative else 1.0 for name in names}
+def layer_kind(name: str) -> str:
+    """What a layer is within its block (``attn.qkv``, ``mlp.fc1``, ``downsample.reduction``): its last two names."""
+    return ".".join(name.split(".")[-2:])
+
+
+def relevance_weights(
+    scores: LayerScores, names: list[str], gamma: float, scale: str = DEFAULT_RELEVANCE_SCALE
+) -> dict[str, float]:
+    """``(I_l / Ī)^γ`` per layer; 1 outside the blocks.
+
+    ``scale="block"``: ``I_l`` is the layer's share of its block and ``Ī`` the mean share (LRP-QViT's
+    normalisation), so layers of different kinds are compared with each other. ``scale="kind"``: ``I_l``
+    is the layer's score and ``Ī`` the mean over the layers of its kind in every block, so a qkv is
+    compared only with the other qkv's: relevance then says which blocks the prediction rests on, and
+    the measured noise alone how each kind of layer suffers from fewer bits. A mean over a layer's output
+    elements differs by orders of magnitude between kinds (an attention map against a hidden vector),
+    which the block shares carry into the weights.
+    """
+    if scale not in RELEVANCE_SCALES:
+        raise AllocationError(f"relevance scale {scale!r} is unknown; use one of: {', '.join(RELEVANCE_SCALES)}")
+    kept = allocatable(scores)
+    if scale == "block":
+        relative = kept.relative()
+        mean = sum(relative.values()) / len(relative)
+        return {name: (relative[name] / mean) ** gamma if name in relative else 1.0 for name in names}
+    kinds: dict[str, list[float]] = {}
+    for name, score in kept.scores.items():
+        kinds.setdefault(layer_kind(name), []).append(score)
+    means = {kind: sum(values) / len(values) for kind, values in kinds.items()}
+    weights = {}
+    for name in names:
+        mean = means.get(layer_kind(name), 0.0) if name in kept.scores else 0.0
+        weights[name] = (kept.scores[name] / mean) ** gamma if mean > 0 else 1.0
+    return weights
 
 
 def mixed_plan(
@@ -163,6 +194,7 @@ def mixed_plan(
     noise_images: int = DEFAULT_NOISE_IMAGES,
     noise_method: str = "estimate",
     relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT,
+    relevance_scale: str = DEFAULT_RELEVANCE_SCALE,
     progress: bool = True,
 ) -> MixedPlan:
     """A mixed plan for the float ``model`` at mean widths ``wbits``/``abits`` (default: ``config``'s).
@@ -197,7 +229,7 @@ def mixed_plan(
     else:
         weighted, inputs, pinned = noise.curves("weight"), noise.curves("inputs"), noise.pinned_abits
         if allocator == "relevance":
-            factor = relevance_weights(scores, list(noise.noise), relevance_weight)
+            factor = relevance_weights(scores, list(noise.noise), relevance_weight, relevance_scale)
             weighted = {name: {b: v * factor[name] for b, v in curve.items()} for name, curve in weighted.items()}
             inputs = {name: {b: v * factor[name] for b, v in curve.items()} for name, curve in inputs.items()}
         plan = plan_widths(weighted, inputs, targets, budget, costs, pinned)
