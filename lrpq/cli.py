@@ -24,9 +24,11 @@ from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES
 from lrpq.allocation.plans import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
+    DEFAULT_RELEVANCE_SCALE,
     DEFAULT_RELEVANCE_WEIGHT,
     NOISE_METHODS,
     RELEVANCE_ALLOCATORS,
+    RELEVANCE_SCALES,
     check_request,
     default_budget,
     mixed_plan,
@@ -225,6 +227,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 noise_images=args.noise_images,
                 noise_method=args.noise_method,
                 relevance_weight=args.relevance_weight,
+                relevance_scale=args.relevance_scale,
             )
             config = config.with_plan(mixed.plan)
         quantize(model, config, calib, batch_size=args.batch_size)
@@ -257,7 +260,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             summary |= {"allocator": mixed.allocator, "budget": mixed.budget, "target_wbits": wbits}
             summary |= {"target_abits": abits, "widths": widths}
             if mixed.allocator == "relevance":
-                summary["relevance_weight"] = args.relevance_weight
+                summary |= {"relevance_weight": args.relevance_weight, "relevance_scale": args.relevance_scale}
             if mixed.scores is not None:
                 summary["relevance_images"] = mixed.scores.num_images
                 mixed.scores.save(staging / "scores.json")
@@ -498,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RELEVANCE_WEIGHT,
         help=f"γ of the relevance allocator: a layer's noise counts (relevance share / mean)^γ times "
         f"(default {DEFAULT_RELEVANCE_WEIGHT}; 0 is the sensitivity allocator)",
+    )
+    q.add_argument(
+        "--relevance-scale",
+        choices=RELEVANCE_SCALES,
+        default=DEFAULT_RELEVANCE_SCALE,
+        help="the relevance allocator compares a layer's relevance with its block's layers (block, LRP-QViT's "
+        f"normalisation) or with its own kind in every block (kind) (default {DEFAULT_RELEVANCE_SCALE})",
     )
     q.add_argument(
         "--relevance-images",

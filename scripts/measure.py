@@ -28,6 +28,7 @@ import torch
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.budget import quantized_model_cost
 from lrpq.allocation.plans import (
+    DEFAULT_RELEVANCE_SCALE,
     DEFAULT_RELEVANCE_WEIGHT,
     NOISE_ALLOCATORS,
     RELEVANCE_ALLOCATORS,
@@ -81,7 +82,7 @@ def resolved(setting: dict[str, Any]) -> dict[str, Any]:
         return setting
     filled = {"budget": default_budget(mixed["allocator"]), **mixed}
     if mixed["allocator"] == "relevance":
-        filled.setdefault("relevance_weight", DEFAULT_RELEVANCE_WEIGHT)
+        filled = {"relevance_weight": DEFAULT_RELEVANCE_WEIGHT, "relevance_scale": DEFAULT_RELEVANCE_SCALE, **filled}
     return {**setting, "variant": {**setting["variant"], "mixed": filled}}
 
 

@@ -37,9 +37,9 @@ from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.relevance import LayerScores, compute_layer_scores
 
 ALLOCATORS = ("paper", "exact", "sensitivity", "relevance")
-DEFAULT_ALLOCATOR = "relevance"
+DEFAULT_ALLOCATOR = "sensitivity"  # measured best on dev (docs/findings.md, issue 24)
 NOISE_METHODS = ("estimate", "exact")
-DEFAULT_RELEVANCE_WEIGHT = 0.5  # γ of the relevance allocator
+DEFAULT_RELEVANCE_WEIGHT = 0.25  # γ of the relevance allocator, by measurement (docs/findings.md)
 RELEVANCE_SCALES = ("block", "kind")  # what a layer's relevance is compared with (``relevance_weights``)
 DEFAULT_RELEVANCE_SCALE = "block"
 RELEVANCE_ALLOCATORS = ("paper", "exact", "relevance")

@@ -82,6 +82,27 @@ def test_relevance_weights_are_block_shares_over_their_mean_to_the_power_gamma()
     assert relevance_weights(scores, names, 0.5)["b.proj"] == pytest.approx(math.sqrt(1.5))
 
 
+def test_relevance_weights_by_kind_compare_a_layer_with_its_kind_in_other_blocks() -> None:
+    names = ["patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+    raw = [5.0, 1.0, 0.01, 3.0, 0.03]  # fc1 scores 100 times smaller than qkv's, as a mean over a wider output
+    blocks = ["patch_embed", "blocks.0", "blocks.0", "blocks.1", "blocks.1"]
+    scores = LayerScores(dict(zip(names, raw, strict=True)), dict(zip(names, blocks, strict=True)), blocks, 1)
+    weights = relevance_weights(scores, names, 1.0, "kind")  # qkv mean 2, fc1 mean 0.02
+    assert weights == pytest.approx(
+        {
+            "patch_embed.proj": 1.0,
+            "blocks.0.attn.qkv": 0.5,
+            "blocks.0.mlp.fc1": 0.5,
+            "blocks.1.attn.qkv": 1.5,
+            "blocks.1.mlp.fc1": 1.5,
+        }
+    )
+    by_block = relevance_weights(scores, names, 1.0, "block")  # the same blocks' shares: fc1 ≈ 0.01 × qkv
+    assert by_block["blocks.0.mlp.fc1"] < 0.02 * by_block["blocks.0.attn.qkv"]
+    with pytest.raises(AllocationError, match="relevance scale 'layer' is unknown"):
+        relevance_weights(scores, names, 1.0, "layer")
+
+
 def test_relevance_allocator_without_relevance_weight_is_the_sensitivity_allocator() -> None:
     model, calib = build_tiny("vit"), tiny_input("vit", 4)
     plans = {
