@@ -227,9 +227,13 @@ def test_staged_file_replaces_the_old_file_only_when_complete(tmp_path: Path) ->
 
 def test_signals_held_delivers_ctrl_c_after_the_block() -> None:
     steps = []
-    with pytest.raises(KeyboardInterrupt):
-        with signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            steps.append("still running")  # held back: the block is not cut short
-        steps.append("never reached")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background runner ignores Ctrl-C
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("still running")  # held back: the block is not cut short
+            steps.append("never reached")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert steps == ["still running"]
