@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_helpers import assert_one_error_line, quantize_args, run_cli, write_class_images
-from conftest import MISSING_CARD
+from conftest import MISSING_CARD, assert_one_error_line, quantize_args, run_cli, write_class_images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform

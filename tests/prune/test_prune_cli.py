@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_helpers import assert_one_error_line, run_cli, write_class_images
+from conftest import assert_one_error_line, run_cli, write_class_images
 from safetensors.torch import save_file
 
 from lrpq.models import build_model, resolve_model
