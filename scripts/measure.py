@@ -143,6 +143,8 @@ class Measurer:
         calib = self.calib(draw)
         if "mixed" in row.variant:
             mixed = dict(row.variant["mixed"])
+            if "widths" in mixed:  # JSON has no tuples
+                mixed["widths"] = tuple(mixed["widths"])
             allocator = mixed["allocator"]
             noise_key = ("noise", draw, json.dumps(config.to_json_dict(), sort_keys=True), wbits, abits)
             noise_key += (json.dumps({k: v for k, v in mixed.items() if k.startswith("noise")}, sort_keys=True),)
