@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from lrpq.allocation.plans import (
     mixed_plan,
 )
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
-from lrpq.evaluate import Z_95, evaluate
+from lrpq.evaluate import Z_95, EvalResult, evaluate
 from lrpq.models import build_model, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,14 +50,39 @@ class Reference:
     label: str
     card: Path
     data: Path
+    calib_list: Path  # draw 0's 32 calibration images, fixed in calib/
 
 
 REFERENCES = {
-    "ref-A": Reference("ref-A ViT CIFAR-10", SHARED / "models/vit_cifar10.json", SHARED / "data/cifar10"),
+    "ref-A": Reference(
+        "ref-A ViT CIFAR-10",
+        SHARED / "models/vit_cifar10.json",
+        SHARED / "data/cifar10",
+        REPO / "calib/cifar10_seed0_n32.txt",
+    ),
     "ref-B": Reference(
-        "ref-B ViT-S/14 Imagenette", SHARED / "models/vits14_imagenette.json", SHARED / "data/imagenette"
+        "ref-B ViT-S/14 Imagenette",
+        SHARED / "models/vits14_imagenette.json",
+        SHARED / "data/imagenette",
+        REPO / "calib/imagenette_seed0_n32.txt",
     ),
 }
+
+
+def pack_correct(correct: Sequence[bool]) -> str:
+    """Per-image correctness as hex (8 images a byte), so a stored row stays small on 5,000 images."""
+    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
+
+
+def unpack_correct(row: dict[str, Any]) -> np.ndarray:
+    """A stored row's per-image correctness (0/1 per image; empty if stored without it)."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(row.get("correct", "")), np.uint8))[: row["n"]]
+
+
+def unpack_row(row: dict[str, Any]) -> EvalResult:
+    """A stored ``EvalResult.to_json_dict()`` row as an ``EvalResult`` with its per-image correctness."""
+    correct = tuple(unpack_correct(row).astype(bool).tolist())
+    return EvalResult(row["top1"], row["top5"], row["n"], row["skipped"], row["seconds"], correct)
 
 
 @dataclass(frozen=True)
@@ -175,7 +201,7 @@ class Measurer:
         return {
             "top1": result.top1,
             "n": result.n,
-            "correct": np.packbits(np.array(result.correct, dtype=bool)).tobytes().hex(),
+            "correct": pack_correct(result.correct),
             "quantize_seconds": round(seconds, 1),
             "cost": cost,
             "setting": row.setting(draw, self.limit, self.threads),
@@ -207,7 +233,7 @@ def correctness(stored: dict[str, dict], label: str, draws: list[int]) -> np.nda
     rows = [stored.get(f"{label}@{draw}") for draw in draws]
     if not draws or any(row is None for row in rows):
         return None
-    return np.array([np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), np.uint8))[: row["n"]] for row in rows])
+    return np.array([unpack_correct(row) for row in rows])
 
 
 def mean_gap(model: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:

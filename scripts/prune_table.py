@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from results_table import REFERENCES, REPO, SHARED, Reference, _pack, unpack_row
+from measure import REFERENCES, REPO, SHARED, Reference, pack_correct, unpack_row
 
 from lrpq.cli import main as lrpq_main
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
@@ -94,7 +94,8 @@ class Table:
         return label not in forced and self.rows.get(label, {}).get("setting") == setting
 
     def store(self, label: str, result: EvalResult, setting: dict, **facts: object) -> None:
-        self.rows[label] = {**result.to_json_dict(), "correct": _pack(result.correct), **facts, "setting": setting}
+        correct = pack_correct(result.correct)
+        self.rows[label] = {**result.to_json_dict(), "correct": correct, **facts, "setting": setting}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.rows, indent=1) + "\n")
         print(f"{self.path.stem:<6} {label:<48} top-1 {result.top1:6.2f}%", flush=True)

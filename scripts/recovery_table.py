@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from measure import REFERENCES, REPO, Measurer, Reference, mean_gap
+from measure import REFERENCES, REPO, Measurer, Reference, mean_gap, pack_correct, unpack_correct
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
@@ -47,14 +47,6 @@ from lrpq.runs import is_run_dir, load_run, save_run
 
 START, END = "<!-- recovery-table:start -->", "<!-- recovery-table:end -->"
 UNRECOVERED, FLOAT = "unrecovered", "float"
-
-
-def _pack(correct: tuple[bool, ...]) -> str:
-    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
-
-
-def _unpack(row: dict) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(bytes.fromhex(row["correct"]), dtype=np.uint8))[: row["n"]].astype(float)
 
 
 def _slug(text: str) -> str:
@@ -76,7 +68,8 @@ class Measurements:
         return stored if stored is not None and stored.get("setting") == setting else None
 
     def put(self, row: str, draw: int | None, setting: dict[str, Any], result: EvalResult, **facts: Any) -> dict:
-        stored = {"top1": result.top1, "n": result.n, "correct": _pack(result.correct), **facts, "setting": setting}
+        correct = pack_correct(result.correct)
+        stored = {"top1": result.top1, "n": result.n, "correct": correct, **facts, "setting": setting}
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path(row, draw).write_text(json.dumps(stored, indent=1) + "\n")
         return stored
@@ -161,15 +154,16 @@ def table(group: Measurements, rows: dict[str, dict[str, Any]], draws: list[int]
         have = {d: stored[f"{_slug(row)}@{d}"] for d in draws if f"{_slug(row)}@{d}" in stored}
         if not have:
             continue
-        correct = {d: _unpack(r) for d, r in have.items()}
+        correct = {d: unpack_correct(r) for d, r in have.items()}
         cells = [f"{have[d]['top1']:.2f}" if d in have else "–" for d in draws]
         cells.append(f"{100 * np.mean([c.mean() for c in correct.values()]):.2f}")
-        base = {d: _unpack(stored[f"{_slug(UNRECOVERED)}@{d}"]) for d in have if f"{_slug(UNRECOVERED)}@{d}" in stored}
+        unrecovered = {d: stored.get(f"{_slug(UNRECOVERED)}@{d}") for d in have}
+        base = {d: unpack_correct(row) for d, row in unrecovered.items() if row is not None}
         if row != UNRECOVERED and base:
             cells.append(_gap(np.array([correct[d] for d in base]), np.array(list(base.values()))))
         else:
             cells.append("")
-        cells.append(_gap(np.array(list(correct.values())), _unpack(reference)[None]))
+        cells.append(_gap(np.array(list(correct.values())), unpack_correct(reference)[None]))
         steps = {r.get("steps") for r in have.values()} - {None}
         cells.append(", ".join(map(str, sorted(steps))))
         seconds = [r["seconds"] for r in have.values() if "seconds" in r]

@@ -40,9 +40,9 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from measure import REPO, SHARED, pack_correct, unpack_row
 from PIL import Image
 from prune_table import write_section
-from results_table import REPO, SHARED, _pack, unpack_row
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -256,7 +256,7 @@ def main() -> None:
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
             result = evaluate_on_dev(model, spec, args)
             facts = {"epochs": setting["epochs"], "steps": setting["steps"], "train_seconds": round(seconds, 1)}
-        results[run] = {**result.to_json_dict(), "correct": _pack(result.correct), **facts, "setting": setting}
+        results[run] = {**result.to_json_dict(), "correct": pack_correct(result.correct), **facts, "setting": setting}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"{run:<22} top-1 {result.top1:6.2f}%", flush=True)
