@@ -112,19 +112,26 @@ def resolved(setting: dict[str, Any]) -> dict[str, Any]:
     return {**setting, "variant": {**setting["variant"], "mixed": filled}}
 
 
+def is_stored(stored: dict[str, dict], key: str, wanted: dict[str, Any]) -> bool:
+    """Whether ``stored`` holds ``key`` measured with the resolved setting ``wanted``."""
+    return key in stored and resolved(stored[key]["setting"]) == wanted
+
+
 def adopt(
     stored: dict[str, dict], rows: list[Row], draws: list[int], sources: list[Path], *, limit: int | None, threads: int
 ) -> list[str]:
     """Copy into ``stored`` each ``row@draw`` it lacks that a file in ``sources`` (e.g. a sweep's) measured with
     the same resolved setting; returns the keys adopted. Saves measuring a configuration twice."""
-    measured = [entry for path in sources for entry in json.loads(path.read_text()).values()]
+    measured = [
+        (resolved(entry["setting"]), entry) for path in sources for entry in json.loads(path.read_text()).values()
+    ]
     adopted = []
     for draw in draws:
         for row in rows:
             key, wanted = f"{row.label}@{draw}", resolved(row.setting(draw, limit, threads))
-            if key in stored and resolved(stored[key]["setting"]) == wanted:
+            if is_stored(stored, key, wanted):
                 continue
-            match = next((entry for entry in measured if resolved(entry["setting"]) == wanted), None)
+            match = next((entry for setting, entry in measured if setting == wanted), None)
             if match is not None:
                 stored[key] = match
                 adopted.append(key)
@@ -217,9 +224,8 @@ def run_rows(
     measurer = Measurer(ref, limit, threads)
     for draw in draws:
         for row in rows:
-            key, have = f"{row.label}@{draw}", stored.get(f"{row.label}@{draw}")
-            wanted = resolved(row.setting(draw, limit, threads))
-            if row.label not in rerun and have is not None and resolved(have["setting"]) == wanted:
+            key = f"{row.label}@{draw}"
+            if row.label not in rerun and is_stored(stored, key, resolved(row.setting(draw, limit, threads))):
                 continue
             stored[key] = measurer.measure(row, draw)
             path.parent.mkdir(parents=True, exist_ok=True)
