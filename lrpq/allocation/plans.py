@@ -142,6 +142,20 @@ def plan_widths(
     return BitPlan({name: LayerBits(weights.get(name, unused), inputs[name]) for name in names})
 
 
+def weight_floor(wbits: float, widths: tuple[int, int], min_wbits: int | None) -> int:
+    """The narrowest weight width a plan may give: ``min_wbits`` within ``widths``, never above the target."""
+    if min_wbits is None:
+        return widths[0]
+    if not widths[0] <= min_wbits <= widths[1]:
+        raise AllocationError(f"min_wbits={min_wbits} is outside the widths {widths[0]}–{widths[1]}; use a width in it")
+    return min(min_wbits, math.floor(wbits))
+
+
+def at_least(curves: Curves, lowest: int) -> dict[str, dict[int, float]]:
+    """``curves`` without the widths below ``lowest``."""
+    return {name: {b: v for b, v in curve.items() if b >= lowest} for name, curve in curves.items()}
+
+
 def layer_kind(name: str) -> str:
     """What a layer is within its block (``attn.qkv``, ``mlp.fc1``, ``downsample.reduction``): its last two names."""
     return ".".join(name.split(".")[-2:])
@@ -195,6 +209,7 @@ def mixed_plan(
     noise_method: str = "estimate",
     relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT,
     relevance_scale: str = DEFAULT_RELEVANCE_SCALE,
+    min_wbits: int | None = None,
     progress: bool = True,
 ) -> MixedPlan:
     """A mixed plan for the float ``model`` at mean widths ``wbits``/``abits`` (default: ``config``'s).
@@ -202,6 +217,8 @@ def mixed_plan(
     ``relevance_images`` (default: ``calib``) are explained for the relevance allocators unless
     ``scores`` are given; the noise allocators estimate (or measure) on the first ``noise_images``
     calibration images unless ``noise`` is given (e.g. shared by plans at several targets).
+    ``min_wbits`` is the narrowest weight width the ``exact`` and measured plans may give (activations
+    keep every width in ``widths``); ``None``: ``widths``' lowest.
     """
     targets = (config.wbits if wbits is None else wbits, config.abits if abits is None else abits)
     budget = budget or default_budget(allocator)
@@ -209,6 +226,7 @@ def mixed_plan(
     if noise_method not in NOISE_METHODS:
         raise AllocationError(f"noise_method {noise_method!r} is unknown; use one of: {', '.join(NOISE_METHODS)}")
     widths = widths_for(*targets, widths)
+    lowest_wbits = weight_floor(targets[0], widths, min_wbits)
     costs = layer_costs(model, tuple(calib.shape[1:]))
     if allocator in RELEVANCE_ALLOCATORS and scores is None:
         scores = compute_layer_scores(model, calib if relevance_images is None else relevance_images, progress=progress)
@@ -224,10 +242,15 @@ def mixed_plan(
         relative = allocatable(scores).relative()
         curves = {name: {b: r * 4.0**-b for b in range(widths[0], widths[1] + 1)} for name, r in relative.items()}
         weighted = {name: curve for name, curve in curves.items() if costs.get(name, LayerCost(0, 0)).params > 0}
+        weighted = at_least(weighted, lowest_wbits)
         pinned = {}
         plan = plan_widths(weighted, curves, targets, budget, costs, pinned)
     else:
-        weighted, inputs, pinned = noise.curves("weight"), noise.curves("inputs"), noise.pinned_abits
+        weighted, inputs, pinned = (
+            at_least(noise.curves("weight"), lowest_wbits),
+            noise.curves("inputs"),
+            noise.pinned_abits,
+        )
         if allocator == "relevance":
             factor = relevance_weights(scores, list(noise.noise), relevance_weight, relevance_scale)
             weighted = {name: {b: v * factor[name] for b, v in curve.items()} for name, curve in weighted.items()}

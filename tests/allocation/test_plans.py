@@ -116,3 +116,16 @@ def test_relevance_allocator_without_relevance_weight_is_the_sensitivity_allocat
     for mixed in plans.values():  # the default budget: BOPs, and the fixed plan's size
         assert mixed.budget == "bops"
         assert mixed.cost.bops <= mixed.fixed_cost.bops and mixed.cost.weight_bits <= mixed.fixed_cost.weight_bits
+
+
+def test_min_wbits_keeps_weights_at_or_above_it_and_leaves_activations_free() -> None:
+    model, calib = build_tiny("vit"), tiny_input("vit", 4)
+    config = QuantConfig(3, 3)
+    free = mixed_plan(model, config, calib, allocator="sensitivity", noise_images=2, progress=False)
+    floored = mixed_plan(model, config, calib, allocator="sensitivity", noise=free.noise, min_wbits=3, progress=False)
+    weighted = [name for name in floored.plan.layers if name in free.noise.curves("weight")]
+    assert any(free.plan.layers[name].wbits == 2 for name in weighted)  # without the floor, some go below
+    assert weighted and all(floored.plan.layers[name].wbits == 3 for name in weighted)  # 3 is also the target
+    assert {bits.abits for bits in floored.plan.layers.values()} - {3}  # inputs still move
+    with pytest.raises(AllocationError, match="min_wbits=7 is outside the widths 2–6"):
+        mixed_plan(model, config, calib, allocator="sensitivity", noise=free.noise, min_wbits=7, progress=False)
