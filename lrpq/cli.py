@@ -24,6 +24,7 @@ from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES
 from lrpq.allocation.plans import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
+    DEFAULT_MIN_WBITS,
     DEFAULT_RELEVANCE_SCALE,
     DEFAULT_RELEVANCE_WEIGHT,
     NOISE_METHODS,
@@ -32,6 +33,7 @@ from lrpq.allocation.plans import (
     check_request,
     default_budget,
     mixed_plan,
+    weight_floor,
 )
 from lrpq.allocation.solvers import ALLOCATORS as RELEVANCE_RULES
 from lrpq.api import quantize
@@ -189,15 +191,21 @@ def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | No
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.mixed and args.bit_plan:
         raise LrpqError("--mixed computes a bit plan, --bit-plan gives one: pass only one of them")
-    for flag in ("widths", "budget", "scores"):
+    for flag in ("widths", "min_wbits", "budget", "scores"):
         if getattr(args, flag) and not args.mixed:
-            raise LrpqError(f"--{flag} shapes a mixed plan: pass it with --mixed")
+            raise LrpqError(f"--{flag.replace('_', '-')} shapes a mixed plan: pass it with --mixed")
     wbits, abits = _targets(args)
     recovery = _recovery_config(args)
     budget = args.budget or default_budget(args.allocator)
     if args.mixed:
         check_request(args.allocator, budget, wbits, abits)
     widths = _widths(args, wbits, abits) if args.mixed else None
+    if args.min_wbits is not None and args.allocator == "paper":
+        raise LrpqError(
+            "--min-wbits bounds the measured and exact plans; the paper rule moves one bit around the target"
+        )
+    min_wbits = DEFAULT_MIN_WBITS if args.min_wbits is None else args.min_wbits
+    floor = weight_floor(wbits, widths, min_wbits) if args.mixed else None  # checked before any work
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     spec = resolve_model(args.model, args.checkpoint)
@@ -228,6 +236,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 noise_method=args.noise_method,
                 relevance_weight=args.relevance_weight,
                 relevance_scale=args.relevance_scale,
+                min_wbits=min_wbits,
             )
             config = config.with_plan(mixed.plan)
         quantize(model, config, calib, batch_size=args.batch_size)
@@ -259,6 +268,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if mixed is not None:
             summary |= {"allocator": mixed.allocator, "budget": mixed.budget, "target_wbits": wbits}
             summary |= {"target_abits": abits, "widths": widths}
+            if mixed.allocator != "paper":
+                summary["min_wbits"] = floor
             if mixed.allocator == "relevance":
                 summary |= {"relevance_weight": args.relevance_weight, "relevance_scale": args.relevance_scale}
             if mixed.scores is not None:
@@ -482,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
         "per parameter) or bops (bit-operations, and size); default bops (layers for the paper rule)",
     )
     _add_widths_argument(q)
+    q.add_argument(
+        "--min-wbits",
+        type=int,
+        metavar="N",
+        help="narrowest weight width a plan may give (not the paper rule, which moves one bit around the "
+        f"target); at most the target (default: {DEFAULT_MIN_WBITS or 'the lowest of --widths'})",
+    )
     q.add_argument(
         "--noise-images",
         type=_positive_int,

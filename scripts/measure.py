@@ -28,13 +28,16 @@ import torch
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.budget import quantized_model_cost
+from lrpq.allocation.from_relevance import widths_for
 from lrpq.allocation.plans import (
+    DEFAULT_MIN_WBITS,
     DEFAULT_RELEVANCE_SCALE,
     DEFAULT_RELEVANCE_WEIGHT,
     NOISE_ALLOCATORS,
     RELEVANCE_ALLOCATORS,
     default_budget,
     mixed_plan,
+    weight_floor,
 )
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
 from lrpq.evaluate import Z_95, EvalResult, evaluate
@@ -100,13 +103,18 @@ class Row:
 
 
 def resolved(setting: dict[str, Any]) -> dict[str, Any]:
-    """``setting`` with its mixed plan's defaults written out (the budget; the relevance allocator's weight),
-    so a row that asks for the default and one that names it compare equal, and neither matches a result
-    measured under another default."""
+    """``setting`` with its mixed plan's defaults written out (the budget; the relevance allocator's weight;
+    the narrowest weight width, as the width it comes to), so a row that asks for the default and one that
+    names it compare equal, and neither matches a result measured under another default. Rows stored
+    before a default existed name the value they were measured with."""
     mixed = setting["variant"].get("mixed")
     if mixed is None:
         return setting
     filled = {"budget": default_budget(mixed["allocator"]), **mixed}
+    if mixed["allocator"] != "paper":
+        wbits, abits = setting["targets"]
+        widths = widths_for(wbits, abits, tuple(mixed["widths"]) if "widths" in mixed else None)
+        filled["min_wbits"] = weight_floor(wbits, widths, mixed.get("min_wbits", DEFAULT_MIN_WBITS))
     if mixed["allocator"] == "relevance":
         filled = {"relevance_weight": DEFAULT_RELEVANCE_WEIGHT, "relevance_scale": DEFAULT_RELEVANCE_SCALE, **filled}
     return {**setting, "variant": {**setting["variant"], "mixed": filled}}

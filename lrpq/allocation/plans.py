@@ -42,6 +42,8 @@ NOISE_METHODS = ("estimate", "exact")
 DEFAULT_RELEVANCE_WEIGHT = 0.25  # γ of the relevance allocator, by measurement (docs/findings.md)
 RELEVANCE_SCALES = ("block", "kind")  # what a layer's relevance is compared with (``relevance_weights``)
 DEFAULT_RELEVANCE_SCALE = "block"
+# Weight widths of measured plans go no lower than this (nor above the target); None: the widths' lowest.
+DEFAULT_MIN_WBITS: int | None = None
 RELEVANCE_ALLOCATORS = ("paper", "exact", "relevance")
 NOISE_ALLOCATORS = ("sensitivity", "relevance")
 Curves = Mapping[str, Mapping[int, float]]
@@ -209,7 +211,7 @@ def mixed_plan(
     noise_method: str = "estimate",
     relevance_weight: float = DEFAULT_RELEVANCE_WEIGHT,
     relevance_scale: str = DEFAULT_RELEVANCE_SCALE,
-    min_wbits: int | None = None,
+    min_wbits: int | None = DEFAULT_MIN_WBITS,
     progress: bool = True,
 ) -> MixedPlan:
     """A mixed plan for the float ``model`` at mean widths ``wbits``/``abits`` (default: ``config``'s).
