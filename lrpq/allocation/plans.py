@@ -42,8 +42,9 @@ NOISE_METHODS = ("estimate", "exact")
 DEFAULT_RELEVANCE_WEIGHT = 0.25  # γ of the relevance allocator, by measurement (docs/findings.md)
 RELEVANCE_SCALES = ("block", "kind")  # what a layer's relevance is compared with (``relevance_weights``)
 DEFAULT_RELEVANCE_SCALE = "block"
-# Weight widths of measured plans go no lower than this (nor above the target); None: the widths' lowest.
-DEFAULT_MIN_WBITS: int | None = None
+# Weight widths of measured plans go no lower than this (nor above the target), by measurement: 2-bit
+# weights lost 9.6 points on ref-B W3A4 (docs/findings.md). None: the widths' lowest.
+DEFAULT_MIN_WBITS: int | None = 3
 RELEVANCE_ALLOCATORS = ("paper", "exact", "relevance")
 NOISE_ALLOCATORS = ("sensitivity", "relevance")
 Curves = Mapping[str, Mapping[int, float]]

@@ -121,7 +121,7 @@ def test_relevance_allocator_without_relevance_weight_is_the_sensitivity_allocat
 def test_min_wbits_keeps_weights_at_or_above_it_and_leaves_activations_free() -> None:
     model, calib = build_tiny("vit"), tiny_input("vit", 4)
     config = QuantConfig(3, 3)
-    free = mixed_plan(model, config, calib, allocator="sensitivity", noise_images=2, progress=False)
+    free = mixed_plan(model, config, calib, allocator="sensitivity", noise_images=2, min_wbits=None, progress=False)
     floored = mixed_plan(model, config, calib, allocator="sensitivity", noise=free.noise, min_wbits=3, progress=False)
     weighted = [name for name in floored.plan.layers if name in free.noise.curves("weight")]
     assert any(free.plan.layers[name].wbits == 2 for name in weighted)  # without the floor, some go below
