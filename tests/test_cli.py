@@ -436,7 +436,7 @@ def test_fractional_mean_bits_with_the_exact_allocator(
         (("--mixed", "--allocator", "sensitivity", "--widths", "5", "9"), ("widths=(5, 9)",)),
         (("--min-wbits", "3"), ("--min-wbits", "--mixed")),
         (("--mixed", "--allocator", "paper", "--min-wbits", "3"), ("--min-wbits", "paper rule")),
-        (("--mixed", "--allocator", "sensitivity", "--min-wbits", "2"), ("min_wbits=2", "widths 3–7")),
+        (("--mixed", "--allocator", "sensitivity", "--min-wbits", "8"), ("min_wbits=8", "above the widths 3–7")),
     ],
 )
 def test_widths_that_cannot_hold_the_plan_are_one_error(

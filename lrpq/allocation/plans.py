@@ -146,12 +146,16 @@ def plan_widths(
 
 
 def weight_floor(wbits: float, widths: tuple[int, int], min_wbits: int | None) -> int:
-    """The narrowest weight width a plan may give: ``min_wbits`` within ``widths``, never above the target."""
+    """The narrowest weight width a plan may give: the higher of ``min_wbits`` and the widths' lowest, never
+    above the target. A floor under the widths is already met (so the default floor never clashes with a
+    user's ``--widths``); one over them cannot be."""
     if min_wbits is None:
         return widths[0]
-    if not widths[0] <= min_wbits <= widths[1]:
-        raise AllocationError(f"min_wbits={min_wbits} is outside the widths {widths[0]}–{widths[1]}; use a width in it")
-    return min(min_wbits, math.floor(wbits))
+    if min_wbits > widths[1]:
+        raise AllocationError(
+            f"min_wbits={min_wbits} is above the widths {widths[0]}–{widths[1]}; use at most {widths[1]}"
+        )
+    return min(max(min_wbits, widths[0]), math.floor(wbits))
 
 
 def at_least(curves: Curves, lowest: int) -> dict[str, dict[int, float]]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrpq.allocation.budget import LayerCost, plan_cost, target_cost
-from lrpq.allocation.plans import check_request, mixed_plan, plan_widths, relevance_weights
+from lrpq.allocation.plans import check_request, mixed_plan, plan_widths, relevance_weights, weight_floor
 from lrpq.allocation.solvers import AllocationError
 from lrpq.config import QuantConfig
 from lrpq.relevance import LayerScores
@@ -127,5 +127,6 @@ def test_min_wbits_keeps_weights_at_or_above_it_and_leaves_activations_free() ->
     assert any(free.plan.layers[name].wbits == 2 for name in weighted)  # without the floor, some go below
     assert weighted and all(floored.plan.layers[name].wbits == 3 for name in weighted)  # 3 is also the target
     assert {bits.abits for bits in floored.plan.layers.values()} - {3}  # inputs still move
-    with pytest.raises(AllocationError, match="min_wbits=7 is outside the widths 2–6"):
+    assert weight_floor(6, (5, 7), 3) == 5  # a floor under the widths is already met
+    with pytest.raises(AllocationError, match="min_wbits=7 is above the widths 2–6"):
         mixed_plan(model, config, calib, allocator="sensitivity", noise=free.noise, min_wbits=7, progress=False)
