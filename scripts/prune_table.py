@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from measure import REFERENCES, REPO, SHARED, Reference, pack_correct, unpack_row
 
+from lrpq.allocation.plans import DEFAULT_ALLOCATOR
 from lrpq.cli import main as lrpq_main
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
 from lrpq.evaluate import EvalResult, PairedGap, evaluate
@@ -376,7 +377,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="evaluate an evenly spaced subset of each dev folder")
     parser.add_argument("--calib-seed", type=int, help="draw the calibration images with this seed, not calib/")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random criterion and of torch")
-    parser.add_argument("--allocator", default="paper", help="allocator of the --mixed quantized rows (default paper)")
+    parser.add_argument(
+        "--allocator", default=DEFAULT_ALLOCATOR, help=f"allocator of the --mixed rows (default {DEFAULT_ALLOCATOR})"
+    )
     parser.add_argument("--rows", nargs="+", default=[], help="re-run these rows even if stored")
     parser.add_argument("--out", type=Path, help="results folder (default results/pruning, or …/seedS)")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose table sections are rewritten")
