@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, measured_draws, run_rows
+from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, measured_draws, resolved, run_rows
 
 from lrpq.allocation.plans import ALLOCATORS, DEFAULT_ALLOCATOR, default_budget
 
@@ -41,6 +41,20 @@ def rows_for(target: str, allocators: Sequence[str] = ALLOCATORS) -> list[Row]:
         Row(f"{target} mixed, {a}", bits, {"mixed": {"allocator": a, "budget": default_budget(a)}}) for a in allocators
     ]
     return [Row(f"{target} fixed", bits), *mixed]
+
+
+def current_rows(stored: dict[str, dict], rows: Sequence[Row], draws: Sequence[int]) -> dict[str, dict]:
+    """The stored results measured with their row's current setting (at any thread count, on the whole dev
+    folder), so a table never shows a row measured under an older default or a sweep's other setting."""
+    kept = {}
+    for row in rows:
+        for draw in draws:
+            key = f"{row.label}@{draw}"
+            if key in stored:
+                wanted = resolved(row.setting(draw, None, stored[key]["setting"]["threads"]))
+                if resolved(stored[key]["setting"]) == wanted:
+                    kept[key] = stored[key]
+    return kept
 
 
 def _mean_top1(stored: dict, label: str) -> float | None:
@@ -179,8 +193,13 @@ def main() -> None:
             rerun=set(args.rerun),
         )
     stored = {name: args.results / f"{name}.json" for name in REFERENCES}
-    results = {name: json.loads(path.read_text()) for name, path in stored.items() if path.is_file()}
     targets = list(TARGETS)
+    every_row = [FLOAT] + [row for target in targets for row in rows_for(target)]
+    results = {
+        name: current_rows(json.loads(path.read_text()), every_row, DRAWS)
+        for name, path in stored.items()
+        if path.is_file()
+    }
     (REPO / "docs/results.md").write_text(
         "# Results: fixed bits and every allocator, calibration draws 0–2\n\n"
         "`python scripts/results_table.py` (see its docstring and `scripts/measure.py` for how each cell is "
