@@ -135,12 +135,12 @@ class LearnedScaleQuantizer(nn.Module):
     def fake_quant(
         self, x: torch.Tensor, out: torch.Tensor | None = None, affine: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """The fused call of a folded layer (``QuantLinear._quantized_reparam_input``): ``x·w + c``, then the STE
-        fake-quant. Never in place (``out`` is ignored): autograd needs ``x``."""
-        if affine is not None:
-            weight, shift = affine
-            x = x * weight + shift
-        return self(x)
+        """The fused call of a folded layer (``QuantLinear._quantized_reparam_input``): fake-quantize ``x·w + c``
+        with the inference values bit for bit. Never in place (``out`` is ignored): autograd needs ``x``."""
+        if affine is None:
+            return self(x)
+        quantizer = self.quantizer[0]  # only a uniform grid is given an affine map (``UniformQuantizer.fake_quant``)
+        return fake_quant_uniform_ste(x, self.scale(), quantizer.zero_point, quantizer.bits, affine=affine)
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -25,24 +25,38 @@ class _UniformSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        weight: torch.Tensor | None,
+        shift: torch.Tensor | None,
+    ) -> torch.Tensor:
         low = -float(zero_point)
         high = 2**bits - 1 + low
-        ratio = x * scale.reciprocal()
+        inverse = scale.reciprocal()
+        # The ratio exactly as ``fake_quant_uniform`` forms it (with ``affine=(weight, shift)`` folded in): a
+        # code one ulp away from inference's flips a level, and on a 4-bit ViT a few such flips in one block
+        # moved ref-B's logits by up to 6.5.
+        ratio = x * inverse if weight is None else torch.addcmul(shift * inverse, x, weight * inverse)
         codes = torch.round(ratio)
         inside = (codes >= low) & (codes <= high)
         codes.clamp_(low, high)
         # d x̂ / d s: the code less the ratio inside the grid (the rounding residual), the clamped code outside.
         slope = torch.where(inside, codes - ratio, codes) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(inside, slope)
+        ctx.save_for_backward(inside, slope, weight)
         return codes.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        inside, slope = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        inside, slope, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * inside if weight is None else grad * inside * weight
         grad_scale = (grad * slope).sum().reshape(()) if slope is not None else None
-        return grad_x, grad_scale, None, None
+        return grad_x, grad_scale, None, None, None, None
 
 
 class _Log2STE(torch.autograd.Function):
@@ -62,12 +76,21 @@ class _Log2STE(torch.autograd.Function):
         return grad_x, grad_scale, None
 
 
-def fake_quant_uniform_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quant_uniform_ste(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``clamp(round(x/s), −z, 2^b − 1 − z) · s`` with STE rounding and LSQ's scale gradient (per-tensor grid).
 
-    The zero point is an integer constant: only the scale (and ``x``) receive gradients.
+    ``affine=(w, c)`` quantizes ``x·w + c`` with the values of ``fake_quant_uniform``'s ``affine`` bit for bit
+    (``x``'s gradient is then scaled by ``w``). The zero point and the map are constants: only the scale (and
+    ``x``) receive gradients.
     """
-    return _UniformSTE.apply(x, scale, zero_point, bits)
+    weight, shift = affine if affine is not None else (None, None)
+    return _UniformSTE.apply(x, scale, zero_point, bits, weight, shift)
 
 
 def fake_quant_log2_ste(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

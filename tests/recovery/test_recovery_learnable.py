@@ -28,6 +28,16 @@ def test_entering_and_leaving_without_a_step_changes_nothing(family: str) -> Non
     assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_the_stand_ins_compute_the_quantized_model_bit_for_bit(family: str) -> None:
+    student, _, images = student_and_teacher(family)
+    with torch.no_grad():
+        quantized = student(images)
+        with learnable(student, LEARNABLE):
+            trained_on = student(images)
+    assert torch.equal(trained_on, quantized)
+
+
 def test_gradients_reach_rounding_scales_and_floats_only() -> None:
     student, _, images = student_and_teacher()
     with learnable(student, LEARNABLE) as trainable:

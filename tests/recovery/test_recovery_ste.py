@@ -53,3 +53,18 @@ def test_rectified_sigmoid_and_its_inverse() -> None:
     h = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(h)), h, atol=1e-6)
     assert rectified_sigmoid(torch.tensor([-3.0, 0.0, 3.0])).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_uniform_ste_with_a_map_gives_the_inference_codes_at_rounding_boundaries() -> None:
+    """``x·w + c`` formed as inference forms it: values on a rounding boundary (and one ulp either side) keep
+    inference's codes, which quantizing the separately mapped tensor does not (20 of these 144 differ)."""
+    scale, zero_point = torch.tensor(0.1), torch.tensor(8.0)
+    weight, shift = torch.tensor([3.0, 0.7, 1.3]), torch.tensor([0.05, -0.02, 0.11])
+    boundaries = ((torch.arange(-8, 8.0)[:, None] + 0.5) * scale - shift) / weight
+    x = torch.cat([boundaries, *(torch.nextafter(boundaries, torch.full_like(boundaries, d)) for d in (1e9, -1e9))])
+    x.requires_grad_(True)
+    y = fake_quant_uniform_ste(x, scale, zero_point, 4, affine=(weight, shift))
+    assert torch.equal(y.detach(), fake_quant_uniform(x.detach(), scale, zero_point, 4, affine=(weight, shift)))
+    y.sum().backward()
+    inside = (y.detach() > -zero_point * scale) & (y.detach() < (15 - zero_point) * scale)
+    assert torch.equal(x.grad[inside], weight.expand_as(x)[inside])  # d(x·w + c)/dx passes straight through
