@@ -38,8 +38,9 @@ Metrics, per model:
 * ``w4_size_ratio``: packed W4A4 file over the float32 safetensors of the float state dict.
 
 Last, the README's main command (``lrpq quantize`` of ref-B, W4A4 ``--mixed``, then ``lrpq eval`` on
-the 600 dev images) runs once as a subprocess and its wall time is reported (``--skip-readme``
-leaves it out): the one absolute number, for what a user waits.
+the 600 dev images) runs once as subprocesses and its wall time is reported: the one absolute number,
+for what a user waits; then its quantize step runs again without ``--mixed``, and ``--mixed``'s
+quantization time over that is reported (``--skip-readme`` leaves all three out).
 """
 
 from __future__ import annotations
@@ -308,24 +309,61 @@ def readme_command() -> str:
     raise LrpqError("README.md has no 'pip install … && lrpq quantize …' line to time")
 
 
-def time_readme_command() -> float:
-    """Wall seconds of ``readme_command()``, run once as written but with this Python's lrpq.
+@dataclasses.dataclass(frozen=True)
+class ReadmeTiming:
+    """Wall seconds of the README's main command, its ``--mixed`` quantize step and that step without ``--mixed``."""
+
+    command_seconds: float
+    mixed_quantize_seconds: float
+    fixed_quantize_seconds: float
+
+    @property
+    def mixed_over_fixed(self) -> float:
+        """What ``--mixed`` (the default allocator) costs over fixed bits, in quantization time (target ≤ 3)."""
+        return self.mixed_quantize_seconds / self.fixed_quantize_seconds
+
+    def to_json_dict(self) -> dict[str, float]:
+        return {
+            "readme_command_seconds": self.command_seconds,
+            "readme_mixed_quantize_seconds": self.mixed_quantize_seconds,
+            "readme_fixed_quantize_seconds": self.fixed_quantize_seconds,
+            "readme_mixed_over_fixed_quantize": self.mixed_over_fixed,
+        }
+
+
+def fixed_twin(quantize_command: str) -> str:
+    """The README's ``lrpq quantize … --mixed …`` without ``--mixed``, into its own run directory."""
+    words = shlex.split(quantize_command)
+    if "--mixed" not in words or "--out" not in words[:-1]:
+        raise LrpqError(f"the README's quantize step has no --mixed or no --out to time against: {quantize_command}")
+    words.remove("--mixed")
+    out = words.index("--out") + 1
+    words[out] += "-fixed"
+    return shlex.join(words)
+
+
+def time_readme_command() -> ReadmeTiming:
+    """``readme_command()`` run once as written but with this Python's lrpq, then its quantize step without
+    ``--mixed``, each step timed.
 
     It runs in a fresh folder beside the repository, so its ``../shared`` paths resolve as in the
-    README and its run directory is removed afterwards; its output goes to stderr with the progress.
+    README and its run directories are removed afterwards; its output goes to stderr with the progress.
     """
-    command = re.sub(r"(^|&& )lrpq ", rf"\g<1>{shlex.quote(sys.executable)} -m lrpq ", readme_command())
+    quantize_step, _, eval_step = readme_command().partition(" && ")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    seconds = []
     with tempfile.TemporaryDirectory(prefix=".lrpq-bench-readme-", dir=REPOSITORY.parent) as folder:
-        start = time.perf_counter()
-        finished = subprocess.run(command, shell=True, cwd=folder, env=environment, stdout=sys.stderr, check=False)
-        seconds = time.perf_counter() - start
-    if finished.returncode != 0:
-        raise LrpqError(f"the README's main command failed (exit {finished.returncode}): {command}")
-    return seconds
+        for step in (quantize_step, eval_step, fixed_twin(quantize_step)):
+            command = re.sub(r"^lrpq ", rf"{shlex.quote(sys.executable)} -m lrpq ", step)
+            start = time.perf_counter()
+            finished = subprocess.run(command, shell=True, cwd=folder, env=environment, stdout=sys.stderr, check=False)
+            seconds.append(time.perf_counter() - start)
+            if finished.returncode != 0:
+                raise LrpqError(f"a step of the README's main command failed (exit {finished.returncode}): {command}")
+    return ReadmeTiming(seconds[0] + seconds[1], seconds[0], seconds[2])
 
 
-def format_table(results: dict[str, dict[str, float]], readme_seconds: float | None = None) -> str:
+def format_table(results: dict[str, dict[str, float]], readme: ReadmeTiming | None = None) -> str:
     """One row per metric, one column per model, each value marked against its target (if it has one)."""
     models = list(results)
     width = max(18, *(len(name) + 2 for name in models))
@@ -341,9 +379,12 @@ def format_table(results: dict[str, dict[str, float]], readme_seconds: float | N
     for metric in REPORTED:
         cells = [f"{results[name][metric]:>{width - 4}.3f}    " for name in models]
         lines.append(f"{metric:<28}" + "".join(cells) + f"{'–':>10}")
-    if readme_seconds is not None:
-        minutes, seconds = divmod(round(readme_seconds), 60)
-        lines.append(f"README main command (quantize --mixed + eval): {minutes} min {seconds:02d} s wall")
+    if readme is not None:
+        minutes, seconds = divmod(round(readme.command_seconds), 60)
+        lines.append(
+            f"README main command: --mixed quantization {readme.mixed_over_fixed:.2f}× fixed bits' (target ≤ 3), "
+            f"quantize --mixed + eval {minutes} min {seconds:02d} s wall"
+        )
     return "\n".join(lines)
 
 
@@ -366,12 +407,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with staged_file(args.json) if args.json else nullcontext() as json_staging:  # unwritable: fails now
         results = run_benchmark(args.models, args.repeats, args.images, args.relevance_images, device)
-        readme_seconds = None
+        readme = None
         if not args.skip_readme and SHARED.is_dir():
-            _log("[README] quantize --mixed + eval, once")
-            readme_seconds = time_readme_command()
-        payload = json.dumps({**results, "readme_command_seconds": readme_seconds}, indent=2)
-        print(format_table(results, readme_seconds))
+            _log("[README] quantize --mixed + eval, then quantize without --mixed, once each")
+            readme = time_readme_command()
+        timing = readme.to_json_dict() if readme is not None else {"readme_command_seconds": None}
+        payload = json.dumps({**results, **timing}, indent=2)
+        print(format_table(results, readme))
         print(payload)
         if json_staging is not None:
             json_staging.write_text(payload + "\n")

@@ -126,6 +126,9 @@ def dequantize_log_sqrt2(codes: torch.Tensor, underflow: torch.Tensor, scale: to
     return torch.where(underflow, torch.zeros_like(codes), scale * torch.exp2(-codes / 2.0))
 
 
+_GATHER_PIECE = 1 << 20  # elements per index of ``_log_grid_values``' gather (4 MiB of int32)
+
+
 def _log_grid_values(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -150,10 +153,14 @@ def _log_grid_values(
     levels = torch.arange(top, dtype=codes.dtype, device=codes.device)
     grid = dequantize(levels, torch.zeros_like(levels, dtype=torch.bool), scale).reshape(-1)
     table = torch.cat([grid, grid.new_tensor([0.0, math.nan])])  # code 2^b underflows to 0; NaN stays NaN
-    index = codes.nan_to_num_(nan=top + 1).to(torch.int32).view(-1)
+    codes.nan_to_num_(nan=top + 1)
     if codes.requires_grad:  # out= cannot record autograd
-        return table.index_select(0, index).view(codes.shape)
-    return torch.index_select(table, 0, index, out=codes.view(-1)).view(codes.shape)
+        return table.index_select(0, codes.to(torch.int32).view(-1)).view(codes.shape)
+    # Gathered piece by piece, each piece's int32 index a small temporary: one index for the whole tensor
+    # was a second buffer as large as post-softmax attention, the peak of ref-B's calibration (+84 MiB).
+    for piece in codes.view(-1).split(_GATHER_PIECE):
+        torch.index_select(table, 0, piece.to(torch.int32), out=piece)
+    return codes
 
 
 def fake_quant_log_sqrt2(

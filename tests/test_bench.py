@@ -17,11 +17,14 @@ from lrpq.bench import (
     NEAREST_CONFIG,
     REPORTED,
     TARGETS,
+    ReadmeTiming,
     display_name,
+    fixed_twin,
     format_table,
     readme_command,
 )
 from lrpq.config import QuantConfig
+from lrpq.errors import LrpqError
 from lrpq.outputs import OutputError
 from lrpq.primitives import (
     dequantize_log2,
@@ -168,7 +171,7 @@ def test_table_marks_each_metric_against_its_target() -> None:
     good = {"calibration_ratio": 5.0, "relevance_ratio": 2.0, "fakequant_throughput_ratio": 0.8}
     good |= {"calibration_memory_ratio": 1.5, "w4_size_ratio": 0.13, "nearest_calibration_ratio": 4.0}
     bad = {**good, "fakequant_throughput_ratio": 0.4, "w4_size_ratio": 0.3}
-    table = format_table({"deit_s": good, "vits14_imagenette": bad}, readme_seconds=185.4)
+    table = format_table({"deit_s": good, "vits14_imagenette": bad}, ReadmeTiming(185.4, 60.0, 24.0))
     lines = table.splitlines()
     rows = {line.split()[0]: line.split() for line in lines[2:-1]}
     assert set(rows) == set(TARGETS) | set(REPORTED)
@@ -176,7 +179,10 @@ def test_table_marks_each_metric_against_its_target() -> None:
     assert rows["fakequant_throughput_ratio"][1:5] == ["0.800", "ok", "0.400", "NO"]
     assert rows["w4_size_ratio"][1:5] == ["0.130", "ok", "0.300", "NO"]
     assert rows["calibration_ratio"][1:5] == ["5.000", "ok", "5.000", "ok"]
-    assert lines[-1] == "README main command (quantize --mixed + eval): 3 min 05 s wall"
+    assert lines[-1] == (
+        "README main command: --mixed quantization 2.50× fixed bits' (target ≤ 3), "
+        "quantize --mixed + eval 3 min 05 s wall"
+    )
     assert "README" not in format_table({"deit_s": good})
 
 
@@ -186,6 +192,10 @@ def test_the_benchmark_headlines_the_default_configuration_and_the_readme_comman
     command = readme_command()
     assert command.startswith("lrpq quantize ") and "&& lrpq eval " in command and "--mixed" in command
     assert display_name("/x/models/vits14_imagenette.json") == "vits14_imagenette"
+    fixed = fixed_twin(command.partition(" && ")[0])
+    assert "--mixed" not in fixed.split() and fixed.split()[fixed.split().index("--out") + 1].endswith("-fixed")
+    with pytest.raises(LrpqError, match="no --mixed"):
+        fixed_twin("lrpq quantize deit_s --wbits 4 --out runs/x")
 
 
 def bench_args(json_path: Path) -> argparse.Namespace:
