@@ -17,7 +17,7 @@ from lrpq.distill.features import (
 from lrpq.distill.logit_losses import KDLoss
 from lrpq.distill.registry import LOSSES, CombinedLoss, UnknownLossError, build_loss, parse_spec
 from lrpq.distill.relation_losses import CCLoss, PKTLoss, RKDLoss, SPLoss
-from lrpq.distill.token_losses import ABLoss, BlockMSE, FitNetLoss, OFDLoss, VIDLoss
+from lrpq.distill.token_losses import ABLoss, BlockMSE, ChannelNormalisedMSE, FitNetLoss, OFDLoss, VIDLoss
 from lrpq.distill.token_statistics import ATLoss, FactorTransferLoss, FSPLoss, NSTLoss
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "BlockMSE",
     "CCLoss",
     "CRDLoss",
+    "ChannelNormalisedMSE",
     "CombinedLoss",
     "DistillError",
     "DistillFeatures",

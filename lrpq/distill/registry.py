@@ -12,7 +12,7 @@ from lrpq.distill.contrastive import CRDLoss
 from lrpq.distill.features import DistillError, DistillFeatures, FeatureShapes
 from lrpq.distill.logit_losses import KDLoss
 from lrpq.distill.relation_losses import CCLoss, PKTLoss, RKDLoss, SPLoss
-from lrpq.distill.token_losses import ABLoss, BlockMSE, FitNetLoss, OFDLoss, VIDLoss
+from lrpq.distill.token_losses import ABLoss, BlockMSE, ChannelNormalisedMSE, FitNetLoss, OFDLoss, VIDLoss
 from lrpq.distill.token_statistics import ATLoss, FactorTransferLoss, FSPLoss, NSTLoss
 
 
@@ -38,6 +38,7 @@ LOSSES: dict[str, LossFactory] = {
     "crd": CRDLoss,
     "ofd": OFDLoss,
     "mse": lambda shapes: BlockMSE(),
+    "nmse": lambda shapes: ChannelNormalisedMSE(),
 }
 
 

@@ -13,6 +13,7 @@ from lrpq.distill import (
     ATLoss,
     BlockMSE,
     CCLoss,
+    ChannelNormalisedMSE,
     CRDLoss,
     DistillFeatures,
     FactorTransferLoss,
@@ -57,6 +58,16 @@ def test_mse_sums_the_blocks_means() -> None:
     student = tokens_only([[[1, 2]]], [[[1, 1]]])
     teacher = tokens_only([[[0, 0]]], [[[1, 3]]])
     assert value(BlockMSE(), student, teacher) == pytest.approx((1 + 4) / 2 + (0 + 4) / 2)
+
+
+def test_normalised_mse_weighs_each_channel_by_the_teachers_power() -> None:
+    # Block 0: one image, two tokens, two channels. Teacher powers: channel 0 (1² + 3²)/2 = 5, channel 1
+    # (2² + 0²)/2 = 2. Squared errors: (1, 4) and (4, 1); weighted: 1/5, 4/2, 4/5, 1/2, mean 0.875.
+    # Block 1: a channel of zeros gets the floor 10⁻⁶ · mean power (10⁻⁶ · 9/2), where its error is 0.
+    student = tokens_only([[[2, 0], [1, 1]]], [[[0, 1]]])
+    teacher = tokens_only([[[1, 2], [3, 0]]], [[[0, 3]]])
+    block1 = (0 / 4.5e-6 + (1 - 3) ** 2 / 9) / 2
+    assert value(ChannelNormalisedMSE(), student, teacher) == pytest.approx((0.875 + block1) / 2)
 
 
 def test_fitnet_at_identity_initialisation_is_the_hint_mse() -> None:
