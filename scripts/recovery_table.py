@@ -12,7 +12,7 @@ there with the same setting, so the script resumes; quantized draws are kept as 
 plan) between the markers below (the rest of the file is left as it is):
 
     python scripts/recovery_table.py --models ref-A --bits 4 3 --plans fixed mixed --draws 0 1 2
-    python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 1 2   # all 15 losses
+    python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 1 2   # all 16 losses
     python scripts/recovery_table.py --models ref-B --bits 4 3 --plans fixed mixed --draws 0 1 2 \
         --losses mse --combos "kd+mse"
     python scripts/recovery_table.py --models ref-A --bits 3 --plans fixed --draws 0 --losses mse \
@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="W=A widths (default 4 3)")
     parser.add_argument("--plans", nargs="+", choices=("fixed", "mixed"), default=["fixed", "mixed"])
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES), help="single losses (default all 15)")
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), help=f"single losses (default all {len(LOSSES)})")
     parser.add_argument("--combos", nargs="*", default=[], help="more loss specs, e.g. kd+mse")
     parser.add_argument(
         "--variant",

@@ -1,6 +1,6 @@
 """Optional recovery after calibration: the float model teaches the fake-quant one on the calibration images.
 
-``recover(student, teacher, images, RecoveryConfig(loss="mse"))`` learns AdaRound weight rounding, LSQ
+``recover(student, teacher, images, RecoveryConfig(loss="nmse"))`` learns AdaRound weight rounding, LSQ
 activation scales and the LayerNorm/bias floats end to end against an ``lrpq.distill`` loss, and
 leaves a fake-quant model with the same bit plan whose learned values all live in its state dict.
 """
