@@ -180,15 +180,24 @@ def _gap(model: np.ndarray, reference: np.ndarray) -> str:
     return f"{mean:+.2f} ({low:+.2f} … {high:+.2f})"
 
 
+def _heading(section: str) -> str:
+    """A section's model, width and plan: its ``### …`` title up to the parenthesis."""
+    return section.splitlines()[0].split(" (")[0]
+
+
 def write_doc(doc: Path, sections: list[str]) -> None:
-    """Put the tables between the markers of ``doc``, keeping the rest; a new file gets only the markers."""
+    """Put the tables between the markers of ``doc``, replacing those of the same model, width and plan and
+    keeping the others (so runs over different models or widths add up); a new file gets only the markers."""
     text = doc.read_text() if doc.is_file() else f"# Recovery\n\n{START}\n{END}\n"
     if START not in text or END not in text:
         raise SystemExit(f"{doc} lacks the markers {START} … {END}; add them where the tables belong")
     before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
+    current, after = rest.split(END, 1)
+    kept = ["### " + part.strip() + "\n" for part in current.split("### ")[1:]]
+    new = {_heading(section) for section in sections}
+    merged = [section for section in kept if _heading(section) not in new] + sections
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(f"{before}{START}\n\n" + "\n".join(sections) + f"\n{END}{after}")
+    doc.write_text(f"{before}{START}\n\n" + "\n".join(merged) + f"\n{END}{after}")
 
 
 def main() -> None:
