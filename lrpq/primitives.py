@@ -126,7 +126,7 @@ def dequantize_log_sqrt2(codes: torch.Tensor, underflow: torch.Tensor, scale: to
     return torch.where(underflow, torch.zeros_like(codes), scale * torch.exp2(-codes / 2.0))
 
 
-_GATHER_PIECE = 1 << 20  # elements per index of ``_log_grid_values``' gather (4 MiB of int32)
+_GATHER_PIECE = 1 << 22  # elements per index of ``_log_grid_values``' gather (16 MiB of int32)
 
 
 def _log_grid_values(
