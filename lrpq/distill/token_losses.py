@@ -28,13 +28,18 @@ class BlockMSE(nn.Module):
         super().__init__()
         self.blocks = blocks
 
-    def forward(self, student: DistillFeatures, teacher: DistillFeatures) -> torch.Tensor:
-        teacher = teacher.detach()
+    def block_pairs(
+        self, student: DistillFeatures, teacher: DistillFeatures
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student, detached teacher) output of every chosen block."""
         chosen = resolve_blocks(self.blocks, len(student.tokens))
-        return sum(F.mse_loss(student.tokens[block], teacher.tokens[block]) for block in chosen)
+        return [(student.tokens[block], teacher.tokens[block].detach()) for block in chosen]
+
+    def forward(self, student: DistillFeatures, teacher: DistillFeatures) -> torch.Tensor:
+        return sum(F.mse_loss(s, t) for s, t in self.block_pairs(student, teacher))
 
 
-class ChannelNormalisedMSE(nn.Module):
+class ChannelNormalisedMSE(BlockMSE):
     """Blockwise output reconstruction with every channel weighted alike, the blocks averaged:
 
     L = (1/|blocks|) Σ_l mean_{b,n,d} (s_l − t_l)² / P_{l,d},   P_{l,d} = mean_{b,n} t_l[b, n, d]²,
@@ -47,20 +52,14 @@ class ChannelNormalisedMSE(nn.Module):
     of them (docs/recovery.md).
     """
 
-    def __init__(self, blocks: Sequence[int] | None = None) -> None:
-        super().__init__()
-        self.blocks = blocks
-
     def forward(self, student: DistillFeatures, teacher: DistillFeatures) -> torch.Tensor:
-        teacher = teacher.detach()
-        chosen = resolve_blocks(self.blocks, len(student.tokens))
-        total = student.tokens[0].new_zeros(())
-        for block in chosen:
-            target = teacher.tokens[block]
+        pairs = self.block_pairs(student, teacher)
+        total = pairs[0][0].new_zeros(())
+        for output, target in pairs:
             power = target.square().mean(dim=(0, 1))
             power = power.clamp(min=1e-6 * power.mean().item())
-            total = total + ((student.tokens[block] - target).square() / power).mean()
-        return total / len(chosen)
+            total = total + ((output - target).square() / power).mean()
+        return total / len(pairs)
 
 
 class FitNetLoss(nn.Module):
