@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, measured_draws, resolved, run_rows
+from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, is_stored, measured_draws, resolved, run_rows
 
 from lrpq.allocation.plans import ALLOCATORS, DEFAULT_ALLOCATOR, default_budget
 
@@ -50,10 +50,9 @@ def current_rows(stored: dict[str, dict], rows: Sequence[Row], draws: Sequence[i
     for row in rows:
         for draw in draws:
             key = f"{row.label}@{draw}"
-            if key in stored:
-                wanted = resolved(row.setting(draw, None, stored[key]["setting"]["threads"]))
-                if resolved(stored[key]["setting"]) == wanted:
-                    kept[key] = stored[key]
+            threads = stored[key]["setting"]["threads"] if key in stored else None
+            if is_stored(stored, key, resolved(row.setting(draw, None, threads))):
+                kept[key] = stored[key]
     return kept
 
 
