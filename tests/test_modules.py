@@ -185,3 +185,43 @@ def test_key_channels_are_the_middle_third_of_qkv_unless_keys_are_normalised() -
     assert normed.key_channels is None  # a shift before LayerNorm(k) would not reach q·kᵀ unchanged
     window = build_tiny("swin").layers[0].blocks[0].attn
     assert lrpq.modules.QuantWindowAttention(window, "attn", config).key_channels == slice(24, 48)
+
+
+def _quantized_tiny_vit(batch: int = 5) -> tuple[nn.Module, torch.Tensor]:
+    model, x = build_tiny("vit"), tiny_input("vit", batch=batch)
+    quantize(model, QuantConfig(wbits=4, abits=4), x, progress=False)
+    return model, x
+
+
+def test_frozen_attention_by_a_few_images_at_a_time_equals_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _quantized_tiny_vit()
+    calls = []
+    by_images = lrpq.modules.QuantAttention._attention_by_images
+    monkeypatch.setattr(
+        lrpq.modules.QuantAttention, "_attention_by_images", lambda self, *qkv: calls.append(1) or by_images(self, *qkv)
+    )
+    attention = next(m for m in model.modules() if isinstance(m, lrpq.modules.QuantAttention))
+    per_image = attention.num_heads * (x.shape[-1] // 16) ** 2 * 2  # under two images' scores per piece
+    monkeypatch.setattr(lrpq.modules, "_ATTENTION_PIECE", per_image)
+    with torch.inference_mode():
+        pieces = model(x)
+        assert calls, "the frozen model did not take the by-images path"
+        monkeypatch.setattr(lrpq.modules.QuantAttention, "_frozen_elementwise", lambda self, q: False)
+        whole = model(x)
+    assert torch.equal(pieces, whole)
+
+
+def test_attention_stays_whole_while_hooked_recorded_or_observed() -> None:
+    model, _ = _quantized_tiny_vit()
+    attention = next(m for m in model.modules() if isinstance(m, lrpq.modules.QuantAttention))
+    q = torch.zeros(1, 1, 1, 1)
+    assert attention._frozen_elementwise(q)
+    attention.attn_drop.train()
+    assert not attention._frozen_elementwise(q)  # dropout would draw per piece
+    attention.attn_drop.eval()
+    handle = attention.matmul2.a_quantizer.register_forward_pre_hook(lambda *_: None)
+    assert not attention._frozen_elementwise(q)
+    handle.remove()
+    assert not attention._frozen_elementwise(q.requires_grad_())
+    attention.matmul1.b_quantizer.mode = QuantMode.OBSERVE
+    assert not attention._frozen_elementwise(q.detach())

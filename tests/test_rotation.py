@@ -103,3 +103,24 @@ def test_kronecker_rotate_can_write_over_its_input() -> None:
     expected = kronecker_rotate(x, left.float(), right.float())
     result = kronecker_rotate(x, left.float(), right.float(), out=x)
     assert result.data_ptr() == x.data_ptr() and torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("piece", [1, 96 * 5, 96 * 64])
+def test_kronecker_rotate_by_pieces_equals_one_product_over_all_rows(
+    monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    left, right = (factor.float() for factor in hadamard_factors(96))
+    x = torch.randn(2, 13, 96, generator=torch.Generator().manual_seed(3))
+    rows = x.reshape(-1, *left.shape[:1], right.shape[0])
+    whole = torch.mm(torch.bmm(left.T.expand(len(rows), -1, -1), rows).view(-1, right.shape[0]), right).view(x.shape)
+    monkeypatch.setattr("lrpq.rotation._ROTATION_PIECE", piece)
+    assert torch.equal(kronecker_rotate(x, left, right), whole)
+    assert torch.equal(kronecker_rotate(x.clone(), left, right, out=torch.empty_like(x)), whole)
+
+
+def test_kronecker_rotate_records_its_gradient() -> None:
+    left, right = (factor.float() for factor in hadamard_factors(96))
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    kronecker_rotate(x, left, right).pow(2).sum().backward()
+    # An orthogonal map keeps the squared norm, whose gradient is then 2x.
+    torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=0, atol=1e-5)
