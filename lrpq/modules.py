@@ -212,7 +212,7 @@ class QuantAttention(nn.Module):
         """Whether proj can undo a rotation of the values (no per-channel norm or gate after attn·v)."""
         return isinstance(self.norm, nn.Identity) and self.gate is None
 
-    def _frozen_elementwise(self, q: torch.Tensor) -> bool:
+    def _splits_by_images_exactly(self, q: torch.Tensor) -> bool:
         """Whether ``_attention_by_images`` gives exactly what the whole-batch products give.
 
         It does when every quantizer of both matmuls applies frozen parameters element by element
@@ -262,7 +262,7 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if attn_mask is None and not is_causal and self._frozen_elementwise(q):
+        if attn_mask is None and not is_causal and self._splits_by_images_exactly(q):
             x = self._attention_by_images(q, k, v)
         else:
             scores = self.matmul1(q * self.scale, k.transpose(-2, -1), a_owned=True)

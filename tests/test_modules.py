@@ -206,7 +206,7 @@ def test_frozen_attention_by_a_few_images_at_a_time_equals_the_whole_batch(monke
     with torch.inference_mode():
         pieces = model(x)
         assert calls, "the frozen model did not take the by-images path"
-        monkeypatch.setattr(lrpq.modules.QuantAttention, "_frozen_elementwise", lambda self, q: False)
+        monkeypatch.setattr(lrpq.modules.QuantAttention, "_splits_by_images_exactly", lambda self, q: False)
         whole = model(x)
     assert torch.equal(pieces, whole)
 
@@ -215,13 +215,13 @@ def test_attention_stays_whole_while_hooked_recorded_or_observed() -> None:
     model, _ = _quantized_tiny_vit()
     attention = next(m for m in model.modules() if isinstance(m, lrpq.modules.QuantAttention))
     q = torch.zeros(1, 1, 1, 1)
-    assert attention._frozen_elementwise(q)
+    assert attention._splits_by_images_exactly(q)
     attention.attn_drop.train()
-    assert not attention._frozen_elementwise(q)  # dropout would draw per piece
+    assert not attention._splits_by_images_exactly(q)  # dropout would draw per piece
     attention.attn_drop.eval()
     handle = attention.matmul2.a_quantizer.register_forward_pre_hook(lambda *_: None)
-    assert not attention._frozen_elementwise(q)
+    assert not attention._splits_by_images_exactly(q)
     handle.remove()
-    assert not attention._frozen_elementwise(q.requires_grad_())
+    assert not attention._splits_by_images_exactly(q.requires_grad_())
     attention.matmul1.b_quantizer.mode = QuantMode.OBSERVE
-    assert not attention._frozen_elementwise(q.detach())
+    assert not attention._splits_by_images_exactly(q.detach())
