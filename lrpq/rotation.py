@@ -119,15 +119,21 @@ def kronecker_rotate(
     a, b = left.shape[0], right.shape[0]
     rows = x.reshape(-1, a, b)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, left, right)):
-        mixed = torch.bmm(left.T.expand(len(rows), a, a), rows)
-        return torch.mm(mixed.view(-1, b), right).view(x.shape)
+        return _rotate_rows(rows, left, right).view(x.shape)
     result = torch.empty_like(rows, memory_format=torch.contiguous_format) if out is None else out.view(-1, a, b)
     step = max(1, _ROTATION_PIECE // (a * b))
     for start in range(0, len(rows), step):
-        piece = rows[start : start + step]
-        mixed = torch.bmm(left.T.expand(len(piece), a, a), piece)
-        torch.mm(mixed.view(-1, b), right, out=result[start : start + step].view(-1, b))
+        _rotate_rows(rows[start : start + step], left, right, out=result[start : start + step].view(-1, b))
     return result.view(x.shape)
+
+
+def _rotate_rows(
+    rows: torch.Tensor, left: torch.Tensor, right: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Aᵀ·X·B`` of every ``(a, b)`` row block, as ``(rows·a, b)``; ``out`` (that shape) receives it."""
+    a, b = left.shape[0], right.shape[0]
+    mixed = torch.bmm(left.T.expand(len(rows), a, a), rows)
+    return torch.mm(mixed.view(-1, b), right, out=out)
 
 
 class KroneckerRotation(nn.Module):
