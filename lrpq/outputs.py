@@ -19,13 +19,14 @@ import secrets
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lrpq.errors import LrpqError
 
-_HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 Replaceable = Callable[[Path], bool]
 
@@ -43,15 +44,24 @@ def current_umask() -> int:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Deliver Ctrl-C and SIGTERM only when the block ends, so a rename and its undo are never split."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows has no signal masks
+    """Deliver Ctrl-C and SIGTERM only when the block ends, so a rename and its undo are never split.
+
+    A deferring Python handler, not a signal mask: the kernel hands a process's signal to any thread that
+    does not block it (torch's worker threads do not), and Python then raises in the main thread anyway.
+    Handlers can only be set from the main thread; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda received, _: caught.append(received)) for number in _HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])  # to the handler the signal would have met, now the block is over
 
 
 def protected_reason(path: Path) -> str | None:
@@ -235,3 +245,10 @@ def staged_file(target: str | Path) -> Iterator[Path]:
                 os.replace(staging, path)
             except OSError as error:
                 raise OutputError(f"cannot write {target}: {error.strerror or error}") from None
+
+
+def replace_text(target: str | Path, text: str) -> None:
+    """Write ``text`` to ``target`` (folders made as needed) through a staged file, so that a reader, a crash
+    or Ctrl-C never leaves half of it: results files and docs sections are rewritten this way as runs finish."""
+    with staged_file(target) as staging:
+        staging.write_text(text)

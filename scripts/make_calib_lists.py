@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from lrpq.data import draw_calibration_set
+from lrpq.outputs import replace_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ("cifar10", "imagenette")
@@ -25,7 +26,7 @@ def write_list(data_root: Path, dataset: str, out_dir: Path) -> Path:
     out_file = out_dir / f"{dataset}_seed{SEED}_n{N_IMAGES}.txt"
     header = f"# draw_calibration_set(<data>/{dataset}/{SPLIT}, n={N_IMAGES}, seed={SEED}); relative paths"
     lines = [header, *(path.relative_to(folder).as_posix() for path in paths)]
-    out_file.write_text("\n".join(lines) + "\n")
+    replace_text(out_file, "\n".join(lines) + "\n")
     return out_file
 
 

@@ -42,6 +42,7 @@ from lrpq.allocation.plans import (
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader
 from lrpq.evaluate import Z_95, EvalResult, evaluate
 from lrpq.models import build_model, resolve_model
+from lrpq.outputs import replace_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -236,8 +237,7 @@ def run_rows(
             if row.label not in rerun and is_stored(stored, key, resolved(row.setting(draw, limit, threads))):
                 continue
             stored[key] = measurer.measure(row, draw)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(stored, indent=1) + "\n")
+            replace_text(path, json.dumps(stored, indent=1) + "\n")
             print(f"{ref.label:<26} {key:<40} top-1 {stored[key]['top1']:6.2f}%", flush=True)
     return stored
 

@@ -24,6 +24,7 @@ from lrpq.api import quantizers
 from lrpq.data import draw_calibration_set, evenly_spaced, list_images, load_calibration_images
 from lrpq.models import build_model, resolve_model
 from lrpq.noise_breakdown import groups_by_kind, groups_by_layer, noise_breakdown
+from lrpq.outputs import replace_text
 
 
 def breakdown(label: str, config: QuantConfig, images: int, by: str) -> dict[str, float]:
@@ -58,7 +59,7 @@ def main() -> None:
         for group, db in results[label].items():
             print(f"{group:<36} {db:14.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        replace_text(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from lrpq.allocation.plans import plan_widths
 from lrpq.config import QuantConfig
 from lrpq.data import draw_calibration_set, load_calibration_images
 from lrpq.models import build_model, resolve_model
+from lrpq.outputs import replace_text
 from lrpq.ranking import kendall_tau
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        replace_text(args.json, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

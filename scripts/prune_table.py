@@ -41,6 +41,7 @@ from lrpq.cli import main as lrpq_main
 from lrpq.data import draw_calibration_set, load_calibration_images, make_loader, read_calibration_list
 from lrpq.evaluate import EvalResult, PairedGap, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.outputs import replace_text
 from lrpq.prune.cost import model_cost
 from lrpq.prune.criteria import CRITERIA, UnitScores, score_units
 from lrpq.prune.lrp_scores import DEFAULT_LRP_SCORE
@@ -97,8 +98,7 @@ class Table:
     def store(self, label: str, result: EvalResult, setting: dict, **facts: object) -> None:
         correct = pack_correct(result.correct)
         self.rows[label] = {**result.to_json_dict(), "correct": correct, **facts, "setting": setting}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.rows, indent=1) + "\n")
+        replace_text(self.path, json.dumps(self.rows, indent=1) + "\n")
         print(f"{self.path.stem:<6} {label:<48} top-1 {result.top1:6.2f}%", flush=True)
 
 
@@ -360,7 +360,7 @@ def write_section(doc: Path, marker: str, text: str) -> None:
     content = doc.read_text() if doc.is_file() else ""
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     content = pattern.sub(lambda _: block, content) if pattern.search(content) else content + f"\n{block}\n"
-    doc.write_text(content)
+    replace_text(doc, content)
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
 from lrpq.distill import LOSSES
 from lrpq.evaluate import EvalResult, evaluate
 from lrpq.models import build_model
+from lrpq.outputs import replace_text
 from lrpq.recovery import RecoveryConfig, recover
 from lrpq.runs import is_run_dir, load_run, save_run
 
@@ -70,8 +71,7 @@ class Measurements:
     def put(self, row: str, draw: int | None, setting: dict[str, Any], result: EvalResult, **facts: Any) -> dict:
         correct = pack_correct(result.correct)
         stored = {"top1": result.top1, "n": result.n, "correct": correct, **facts, "setting": setting}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path(row, draw).write_text(json.dumps(stored, indent=1) + "\n")
+        replace_text(self.path(row, draw), json.dumps(stored, indent=1) + "\n")
         return stored
 
 
@@ -196,8 +196,7 @@ def write_doc(doc: Path, sections: list[str]) -> None:
     kept = ["### " + part.strip() + "\n" for part in current.split("### ")[1:]]
     new = {_heading(section) for section in sections}
     merged = [section for section in kept if _heading(section) not in new] + sections
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(f"{before}{START}\n\n" + "\n".join(merged) + f"\n{END}{after}")
+    replace_text(doc, f"{before}{START}\n\n" + "\n".join(merged) + f"\n{END}{after}")
 
 
 def main() -> None:

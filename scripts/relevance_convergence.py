@@ -22,6 +22,7 @@ import timm
 import torch
 from PIL import Image
 
+from lrpq.outputs import replace_text
 from lrpq.ranking import kendall_tau
 from lrpq.relevance import Contributions, collect_contributions, ranking_stability
 
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {row['n']} | {row['tau_scores']:.3f} | {row['tau_relative']:.3f} |")
     if args.out is not None:
         table = {"card": args.card.name, "images": total, "rows": rows}
-        args.out.write_text(json.dumps(table, indent=2) + "\n")
+        replace_text(args.out, json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

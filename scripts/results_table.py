@@ -28,6 +28,7 @@ import numpy as np
 from measure import REFERENCES, REPO, Row, adopt, correctness, gap_cell, is_stored, measured_draws, resolved, run_rows
 
 from lrpq.allocation.plans import ALLOCATORS, DEFAULT_ALLOCATOR, default_budget
+from lrpq.outputs import replace_text
 
 TARGETS = {"W6A6": (6, 6), "W4A4": (4, 4), "W3A4": (3, 4), "W3A3": (3, 3)}
 DRAWS = [0, 1, 2]
@@ -178,7 +179,7 @@ def main() -> None:
             stored = json.loads(path.read_text()) if path.is_file() else {}
             sweeps = sorted((args.results / "sweeps").glob(f"*-{name.replace('-', '')}-*.json"))
             adopted = adopt(stored, rows, args.draws, sweeps, limit=None, threads=args.threads)
-            path.write_text(json.dumps(stored, indent=1) + "\n")
+            replace_text(path, json.dumps(stored, indent=1) + "\n")
             print(f"{name}: adopted {len(adopted)} measurements from {len(sweeps)} sweeps")
         if args.stored_only:
             continue
@@ -199,14 +200,15 @@ def main() -> None:
         for name, path in stored.items()
         if path.is_file()
     }
-    (REPO / "docs/results.md").write_text(
+    replace_text(
+        REPO / "docs/results.md",
         "# Results: fixed bits and every allocator, calibration draws 0–2\n\n"
         "`python scripts/results_table.py` (see its docstring and `scripts/measure.py` for how each cell is "
         "measured). Gaps are mean top-1 differences in points over the draws, with paired 95 % intervals "
         "over images; size and BOPs are the mixed plan's over the fixed plan's (mean over draws).\n\n"
-        + full_table(results, targets)
+        + full_table(results, targets),
     )
-    (REPO / "docs/readme_table.md").write_text(readme_table(results, targets))
+    replace_text(REPO / "docs/readme_table.md", readme_table(results, targets))
     plot(results, targets, REPO / "docs/accuracy_vs_bits.png")
     print(readme_table(results, targets))
 

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from lrpq.data import class_to_index, list_images, make_loader
 from lrpq.evaluate import EvalResult, PairedGap, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.outputs import replace_text
 from lrpq.prune.cost import model_cost
 from lrpq.prune.structure import PrunedStructure, apply_structure
 
@@ -257,8 +258,7 @@ def main() -> None:
             result = evaluate_on_dev(model, spec, args)
             facts = {"epochs": setting["epochs"], "steps": setting["steps"], "train_seconds": round(seconds, 1)}
         results[run] = {**result.to_json_dict(), "correct": pack_correct(result.correct), **facts, "setting": setting}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        replace_text(args.out, json.dumps(results, indent=1) + "\n")
         print(f"{run:<22} top-1 {result.top1:6.2f}%", flush=True)
         write_section(args.doc, "rethinking", markdown(results, command))
     print(markdown(results, command))

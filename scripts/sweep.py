@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from measure import REFERENCES, Row, correctness, gap_cell, measured_draws, run_rows
 
+from lrpq.outputs import replace_text
+
 
 def summary(stored: dict[str, dict], rows: list[Row], draws: list[int]) -> str:
     """Markdown: top-1 per draw, mean, gap to the first row, and a mixed plan's size and BOPs vs fixed."""
@@ -61,7 +63,7 @@ def main() -> None:
     ref = REFERENCES[args.model]
     stored = run_rows(ref, rows, args.draws, args.out, limit=args.limit, threads=args.threads, rerun=set(args.rerun))
     table = summary(stored, rows, args.draws)
-    args.out.with_suffix(".md").write_text(table)
+    replace_text(args.out.with_suffix(".md"), table)
     print(table)
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from lrpq.outputs import OutputError, check_output_dir, signals_held, staged_dir, staged_file
+from lrpq.outputs import OutputError, check_output_dir, replace_text, signals_held, staged_dir, staged_file
 
 
 def always(_: Path) -> bool:
@@ -225,6 +228,35 @@ def test_staged_file_replaces_the_old_file_only_when_complete(tmp_path: Path) ->
         pytest.fail("the block must not run")
 
 
+def test_replace_text_makes_folders_and_leaves_no_staging_file(tmp_path: Path) -> None:
+    target = tmp_path / "results" / "deep" / "rows.json"
+    replace_text(target, "first")
+    replace_text(target, "second")
+    assert target.read_text() == "second"
+    assert [path.name for path in target.parent.iterdir()] == ["rows.json"]
+
+
+def test_replace_text_keeps_the_old_text_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "rows.json"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        replace_text(target, None)  # type: ignore[arg-type]  # the write itself fails, after staging
+    assert target.read_text() == "old"
+    assert [path.name for path in tmp_path.iterdir()] == ["rows.json"]
+
+
+@pytest.fixture
+def other_thread() -> Iterator[None]:
+    """A second live thread, as torch's workers are: the kernel may hand it a signal sent to the process."""
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait)
+    thread.start()
+    yield
+    done.set()
+    thread.join()
+
+
+@pytest.mark.usefixtures("other_thread")
 def test_signals_held_delivers_ctrl_c_after_the_block() -> None:
     steps = []
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background runner ignores Ctrl-C
@@ -232,8 +264,25 @@ def test_signals_held_delivers_ctrl_c_after_the_block() -> None:
         with pytest.raises(KeyboardInterrupt):
             with signals_held():
                 os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # time for any thread to take the signal and Python to act on it
                 steps.append("still running")  # held back: the block is not cut short
             steps.append("never reached")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
     assert steps == ["still running"]
+
+
+@pytest.mark.usefixtures("other_thread")
+def test_nested_signals_held_deliver_sigterm_once_to_the_outer_handler_at_the_outer_end() -> None:
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda number, _: received.append(number))
+    try:
+        with signals_held():
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            assert received == []
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
