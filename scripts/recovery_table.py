@@ -54,6 +54,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
 
 
+def _completed(setting: dict[str, Any]) -> dict[str, Any]:
+    """A stored setting with its recovery's fields completed by their defaults: a row stored before a
+    ``RecoveryConfig`` field existed was measured with that field's default."""
+    if setting.get("recovery") is None:
+        return setting
+    return {**setting, "recovery": RecoveryConfig.from_json_dict(setting["recovery"]).to_json_dict()}
+
+
 class Measurements:
     """The stored rows of one (model, width, plan): ``<out>/<group>/<row>@<draw>.json``."""
 
@@ -66,7 +74,7 @@ class Measurements:
     def get(self, row: str, draw: int | None, setting: dict[str, Any]) -> dict | None:
         path = self.path(row, draw)
         stored = json.loads(path.read_text()) if path.is_file() else None
-        return stored if stored is not None and stored.get("setting") == setting else None
+        return stored if stored is not None and _completed(stored.get("setting", {})) == setting else None
 
     def put(self, row: str, draw: int | None, setting: dict[str, Any], result: EvalResult, **facts: Any) -> dict:
         correct = pack_correct(result.correct)

@@ -26,7 +26,8 @@ class RecoveryConfig:
     (``augment``), Adam with a short warm-up and a cosine decay, one learning rate per group of
     ``learn`` (``lrpq.recovery.learnable``): rounding variables (``lr_rounding``), log activation
     scales (``lr_scales``), LayerNorm/LayerScale/bias floats and the loss's own connectors
-    (``lr_floats``, relative to each tensor's root mean square). ``seed`` fixes the batches and views.
+    (``lr_floats``, relative to each tensor's root mean square). ``drop`` > 0 trains with QDrop (each
+    activation element float with that probability). ``seed`` fixes the batches, views and drops.
     """
 
     loss: str = DEFAULT_LOSS
@@ -36,6 +37,7 @@ class RecoveryConfig:
     lr_scales: float = 1e-4
     lr_floats: float = 1e-2
     learn: tuple[str, ...] = LEARNABLE
+    drop: float = 0.0  # QDrop: probability that an activation element stays float in a training step
     augment: bool = True
     seed: int = 0
 
@@ -50,6 +52,8 @@ class RecoveryConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise RecoveryError(f"recovery {name}={value!r} must be a non-negative number")
+        if not (isinstance(self.drop, int | float) and 0 <= self.drop < 1):
+            raise RecoveryError(f"recovery drop={self.drop!r} must be a probability in [0, 1)")
         unknown = [item for item in self.learn if item not in LEARNABLE]
         if unknown or not self.learn or len(set(self.learn)) != len(self.learn):
             asked = ", ".join(self.learn) or "nothing"

@@ -17,6 +17,10 @@ weight scales are never touched:
   its logarithm so it stays positive; zero points stay the calibrated integers;
 * ``norms`` — LayerNorm affine and LayerScale (float multipliers an integer pipeline applies anyway);
 * ``biases`` — every Linear and Conv2d bias (added in the accumulator's float output).
+
+With ``drop = p > 0`` the activation stand-ins also apply QDrop (Wei et al., ICLR 2022) while training:
+each element passes its float value instead of its quantized one with probability ``p``, so what is
+learned must suit the activations' quantization noise in any mix, not the one mix of the 32 images.
 """
 
 from __future__ import annotations
@@ -116,10 +120,13 @@ class LearnedScaleQuantizer(nn.Module):
     from ``exp(0) = 1`` exactly gives the calibrated grid back before any step.
     """
 
-    def __init__(self, quantizer: UniformQuantizer | Log2Quantizer | LogSqrt2Quantizer, learn: bool) -> None:
+    def __init__(
+        self, quantizer: UniformQuantizer | Log2Quantizer | LogSqrt2Quantizer, learn: bool, drop: float = 0.0
+    ) -> None:
         super().__init__()
         self.quantizer = [quantizer]
         self.log_ratio = nn.Parameter(quantizer.scale.new_zeros(()), requires_grad=learn)
+        self.drop = drop
 
     mode = QuantMode.QUANT  # stand-ins replace quantizers in QUANT mode only
 
@@ -129,8 +136,14 @@ class LearnedScaleQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
         quantizer = self.quantizer[0]
         if isinstance(quantizer, UniformQuantizer):
-            return fake_quant_uniform_ste(x, self.scale(), quantizer.zero_point, quantizer.bits)
-        return fake_quant_log2_ste(x, self.scale(), quantizer.bits)
+            return self._dropped(fake_quant_uniform_ste(x, self.scale(), quantizer.zero_point, quantizer.bits), x)
+        return self._dropped(fake_quant_log2_ste(x, self.scale(), quantizer.bits), x)
+
+    def _dropped(self, quantized: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        """QDrop: each element's float value with probability ``drop`` (torch's seeded generator), else its code's."""
+        if self.drop == 0:
+            return quantized
+        return torch.where(torch.rand_like(quantized) < self.drop, exact, quantized)
 
     def fake_quant(
         self, x: torch.Tensor, out: torch.Tensor | None = None, affine: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -140,7 +153,8 @@ class LearnedScaleQuantizer(nn.Module):
         if affine is None:
             return self(x)
         quantizer = self.quantizer[0]  # only a uniform grid is given an affine map (``UniformQuantizer.fake_quant``)
-        return fake_quant_uniform_ste(x, self.scale(), quantizer.zero_point, quantizer.bits, affine=affine)
+        quantized = fake_quant_uniform_ste(x, self.scale(), quantizer.zero_point, quantizer.bits, affine=affine)
+        return self._dropped(quantized, torch.addcmul(affine[1], x, affine[0])) if self.drop else quantized
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -192,8 +206,10 @@ def float_parameters(model: nn.Module, learn: tuple[str, ...]) -> list[nn.Parame
 
 
 @contextmanager
-def learnable(model: nn.Module, learn: tuple[str, ...]) -> Iterator[Trainable]:
+def learnable(model: nn.Module, learn: tuple[str, ...], drop: float = 0.0) -> Iterator[Trainable]:
     """Make ``learn`` (a subset of ``LEARNABLE``) trainable in ``model``; write it back on a normal exit.
+
+    ``drop`` is QDrop's probability that an activation element passes float while inside (0: never).
 
     Every other parameter is frozen for the duration. On an exception the quantizers are put back
     without writing anything (their buffers are as they were; learned floats stay as they are).
@@ -201,6 +217,8 @@ def learnable(model: nn.Module, learn: tuple[str, ...]) -> Iterator[Trainable]:
     unknown = set(learn) - set(LEARNABLE)
     if unknown:
         raise ValueError(f"cannot learn {sorted(unknown)}; choose from {', '.join(LEARNABLE)}")
+    if not 0 <= drop < 1:
+        raise ValueError(f"drop={drop!r}: QDrop's probability must be in [0, 1)")
     weights = {id(layer.weight_quantizer): layer for layer in weighted_layers(model).values()}
     slots = _quantizer_slots(model)
     stand_ins: list[tuple[nn.Module, str, FakeQuantizer, nn.Module]] = []
@@ -211,7 +229,7 @@ def learnable(model: nn.Module, learn: tuple[str, ...]) -> Iterator[Trainable]:
                 continue  # a frozen weight grid needs no gradient of its own; the input's passes through it
             stand_in: nn.Module = LearnedRounding(quantizer, layer.weight)
         else:
-            stand_in = LearnedScaleQuantizer(quantizer, learn="scales" in learn)
+            stand_in = LearnedScaleQuantizer(quantizer, learn="scales" in learn, drop=drop)
         stand_ins.append((owner, attribute, quantizer, stand_in))
     floats = float_parameters(model, learn)
     requires_grad = {p: p.requires_grad for p in model.parameters()}

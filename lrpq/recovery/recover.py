@@ -144,11 +144,11 @@ def recover(
     batches = _batches(len(images), min(config.batch_size, len(images)), generator)
     values: list[float] = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # the losses' connectors and CRD's memory
+        torch.manual_seed(config.seed)  # the losses' connectors, CRD's memory and QDrop's draws
         with torch.no_grad():
             probe = extract_features(teacher, images[:2], attention=False)
         objective = build_loss(config.loss, FeatureShapes.of(probe, num_images=len(images))).to(images.device)
-        with learnable(student, config.learn) as trainable:
+        with learnable(student, config.learn, config.drop) as trainable:
             optimisers = _optimisers(trainable, objective, config)
             factor = partial(learning_rate_factor, steps=config.steps)
             schedules = [torch.optim.lr_scheduler.LambdaLR(optimiser, factor) for optimiser in optimisers]

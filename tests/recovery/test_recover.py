@@ -77,3 +77,15 @@ def test_recovery_refuses_a_single_image() -> None:
     student, teacher, images = student_and_teacher()
     with pytest.raises(RecoveryError, match="at least 2 images"):
         recover(student, teacher, images[:1], RecoveryConfig(steps=1), progress=False)
+
+
+def test_qdrop_changes_what_is_learned_deterministically_and_only_when_asked() -> None:
+    states = []
+    for drop in (0.0, 0.5, 0.5):
+        student, teacher, images = student_and_teacher()
+        recover(student, teacher, images, RecoveryConfig(steps=3, batch_size=4, drop=drop), progress=False)
+        states.append(student.state_dict())
+    assert all(torch.equal(states[1][key], states[2][key]) for key in states[0])
+    assert not all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    with pytest.raises(RecoveryError, match=r"drop=1\.0 must be a probability in \[0, 1\)"):
+        RecoveryConfig(drop=1.0)

@@ -7,8 +7,9 @@ import torch
 from recovery_helpers import grids, student_and_teacher
 
 from lrpq.api import weighted_layers
+from lrpq.quantizers import UniformQuantizer
 from lrpq.recovery import LEARNABLE, learnable
-from lrpq.recovery.learnable import LearnedRounding
+from lrpq.recovery.learnable import LearnedRounding, LearnedScaleQuantizer
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -113,3 +114,37 @@ def test_an_error_inside_puts_the_quantizers_back_unchanged() -> None:
         raise RuntimeError("boom")
     for key, value in student.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def _uniform_stand_in(student: torch.nn.Module) -> LearnedScaleQuantizer:
+    stand_ins = [m for m in student.modules() if isinstance(m, LearnedScaleQuantizer)]
+    return next(m for m in stand_ins if isinstance(m.quantizer[0], UniformQuantizer))
+
+
+def test_qdrop_passes_each_element_float_or_quantized_at_its_rate() -> None:
+    student, _, _ = student_and_teacher()
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    weight, shift = torch.rand(256, generator=torch.Generator().manual_seed(2)) + 0.5, torch.full((256,), 0.1)
+    with learnable(student, LEARNABLE, drop=0.25):
+        stand_in = _uniform_stand_in(student)
+        torch.manual_seed(0)
+        dropped, dropped_affine = stand_in(x), stand_in.fake_quant(x, affine=(weight, shift))
+        stand_in.drop = 0.0
+        quantized, quantized_affine = stand_in(x), stand_in.fake_quant(x, affine=(weight, shift))
+    for out, exact, codes in ((dropped, x, quantized), (dropped_affine, x * weight + shift, quantized_affine)):
+        kept_float = torch.isclose(out, exact, rtol=1e-6, atol=1e-6) & (out != codes)  # x·w + c fused: within an ulp
+        assert torch.all(kept_float | (out == codes))
+        differing = (~torch.isclose(exact, codes, rtol=1e-6, atol=1e-6)).sum()
+        assert abs(kept_float.sum() / differing - 0.25) < 0.02  # 16,384 draws: σ of the share ≈ 0.004
+
+
+def test_qdrop_keeps_gradients_of_both_paths_and_refuses_a_bad_rate() -> None:
+    student, _, images = student_and_teacher()
+    with learnable(student, LEARNABLE, drop=0.5) as trainable:
+        torch.manual_seed(0)
+        student(images).square().sum().backward()
+        assert all(p.grad is not None for p in trainable.floats)
+        assert all(p.grad is not None and p.grad.abs() > 0 for p in trainable.scales[:-1])
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="QDrop's probability"), learnable(student, LEARNABLE, drop=bad):
+            pass
