@@ -167,9 +167,12 @@ def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
     if args.recover is None:
         if args.recover_steps is not None:
             raise LrpqError("--recover-steps sets how long --recover trains: pass it with --recover")
+        if args.recover_drop is not None:
+            raise LrpqError("--recover-drop sets QDrop while --recover trains: pass it with --recover")
         return None
     steps = {} if args.recover_steps is None else {"steps": args.recover_steps}
-    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps)
+    drop = {} if args.recover_drop is None else {"drop": args.recover_drop}
+    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps, **drop)
 
 
 def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | None) -> dict[str, object]:
@@ -180,6 +183,7 @@ def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | No
         "recovered": True,
         "recovery_loss": report.loss,
         "recovery_steps": report.steps,
+        "recovery_drop": config.drop,
         "recovery_learned": ",".join(config.learn),
         "recovery_seconds": report.seconds,
         "recovery_loss_first": round(report.first_loss, 6),
@@ -546,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recover-steps",
         type=_positive_int,
         help=f"optimisation steps of --recover (default {RecoveryConfig.steps})",
+    )
+    q.add_argument(
+        "--recover-drop",
+        type=float,
+        metavar="P",
+        help="QDrop while --recover trains: each activation value stays float with probability P, in [0, 1) "
+        f"(default {RecoveryConfig.drop}; 0.5 helps at 3 bits, docs/recovery.md)",
     )
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

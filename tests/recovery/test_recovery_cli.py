@@ -61,10 +61,23 @@ def test_a_named_combination_and_a_plain_run(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     status, _, _ = run_cli(
-        quantize_args(workspace, "--recover", "KD:0.5+mse", "--recover-steps", "2", "--out", tmp_path / "a"), capsys
+        quantize_args(
+            workspace,
+            "--recover",
+            "KD:0.5+mse",
+            "--recover-steps",
+            "2",
+            "--recover-drop",
+            "0.5",
+            "--out",
+            tmp_path / "a",
+        ),
+        capsys,
     )
     assert status == 0
-    assert json.loads((tmp_path / "a" / "summary.json").read_text())["recovery_loss"] == "KD:0.5+mse"
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["recovery_loss"], summary["recovery_drop"]) == ("KD:0.5+mse", 0.5)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["recovery"]["drop"] == 0.5
     status, _, _ = run_cli(quantize_args(workspace, "--out", tmp_path / "b"), capsys)
     assert status == 0
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["recovered"] is False
@@ -78,6 +91,8 @@ def test_a_named_combination_and_a_plain_run(
         (["--recover", "kd:-1"], ("weight of 'kd'",)),
         (["--recover", "mse+mse"], ("appears twice",)),
         (["--recover-steps", "5"], ("--recover-steps", "--recover")),
+        (["--recover-drop", "0.5"], ("--recover-drop", "--recover")),
+        (["--recover", "--recover-drop", "1"], ("drop=1.0", "probability in [0, 1)")),
     ],
 )
 def test_bad_recovery_requests_are_one_line_before_any_work(
