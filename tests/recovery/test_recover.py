@@ -54,14 +54,21 @@ def test_recovery_keeps_the_bit_plan_widths_and_integer_zero_points() -> None:
             assert zero_point.max() <= 2**quantizer.bits - 1
 
 
+def _recovered_state(**config: object) -> dict[str, torch.Tensor]:
+    """The state of a fresh tiny student after a recovery with ``config`` (batches of 4)."""
+    student, teacher, images = student_and_teacher()
+    recover(student, teacher, images, RecoveryConfig(batch_size=4, **config), progress=False)
+    return student.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_recovery_is_deterministic_given_its_seed() -> None:
-    states = []
-    for seed in (0, 0, 1):
-        student, teacher, images = student_and_teacher()
-        recover(student, teacher, images, RecoveryConfig(steps=4, batch_size=4, seed=seed), progress=False)
-        states.append(student.state_dict())
-    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
-    assert not all(torch.equal(states[0][key], states[2][key]) for key in states[0])
+    states = [_recovered_state(steps=4, seed=seed) for seed in (0, 0, 1)]
+    assert _same(states[0], states[1])
+    assert not _same(states[0], states[2])
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -80,12 +87,8 @@ def test_recovery_refuses_a_single_image() -> None:
 
 
 def test_qdrop_changes_what_is_learned_deterministically_and_only_when_asked() -> None:
-    states = []
-    for drop in (0.0, 0.5, 0.5):
-        student, teacher, images = student_and_teacher()
-        recover(student, teacher, images, RecoveryConfig(steps=3, batch_size=4, drop=drop), progress=False)
-        states.append(student.state_dict())
-    assert all(torch.equal(states[1][key], states[2][key]) for key in states[0])
-    assert not all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    states = [_recovered_state(steps=3, drop=drop) for drop in (0.0, 0.5, 0.5)]
+    assert _same(states[1], states[2])
+    assert not _same(states[0], states[1])
     with pytest.raises(RecoveryError, match=r"drop=1\.0 must be a probability in \[0, 1\)"):
         RecoveryConfig(drop=1.0)
