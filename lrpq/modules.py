@@ -15,6 +15,7 @@ from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lrpq.config import LayerBits, QuantConfig
 from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer, WeightQuantizer
@@ -47,7 +48,8 @@ class _WeightCache:
     plain attribute, never in the state dict, and serves only ``torch.inference_mode``: evaluation
     runs there, the cached tensor can never reach an autograd graph, and calibration (``no_grad``)
     does not hold a second copy of every weight at its memory peak. Weights that are themselves
-    inference tensors carry no version counter, so they are never cached.
+    inference tensors carry no version counter, and fake tensors (``torch.compile``'s tracing) no data
+    pointer, so neither is ever cached: a compiled graph quantizes its weights itself.
     """
 
     def __init__(self) -> None:
@@ -59,7 +61,7 @@ class _WeightCache:
         if quantizer.mode is not QuantMode.QUANT or not torch.is_inference_mode_enabled():
             return quantizer(weight)
         sources = (weight, quantizer.scale, quantizer.zero_point, quantizer.rounding_offset)
-        if any(t.is_inference() for t in sources):
+        if torch.compiler.is_compiling() or any(t.is_inference() or isinstance(t, FakeTensor) for t in sources):
             return quantizer(weight)
         key = (quantizer.bits, *(_identity(t) for t in sources))
         if key != self._key:

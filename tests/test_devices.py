@@ -10,6 +10,7 @@ in ``DATA_DEPENDENT_STEPS``) for shape-only stand-ins, and every other line of l
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import pytest
 import torch
@@ -131,6 +132,21 @@ def test_quantize_and_inference_create_every_tensor_on_the_model_device(
     assert logits.device.type == device and logits.shape == (4, 5)
     on_cpu = [name for name, tensor in module_tensors(model).items() if tensor.device.type != device]
     assert not on_cpu, f"left on the CPU: {on_cpu[:5]}"
+
+
+def test_the_weight_cache_leaves_fake_tensors_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` traces with fake tensors, which have no data pointer to key the cache on."""
+    for (module, name), stand_in in DATA_DEPENDENT_STEPS.items():
+        monkeypatch.setattr(module, name, stand_in)
+    model = quantize(build_tiny("vit"), QuantConfig(4, 4), tiny_input("vit", 4), progress=False)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading a fake tensor's data pointer warns
+        model = on_fake_device(model, mode, "cuda")
+        with torch.inference_mode():
+            logits = model(mode.from_tensor(tiny_input("vit", 2)).to("cuda"))
+    assert logits.shape == (2, 5)
+    caches = [m._weight_cache for m in model.modules() if hasattr(m, "_weight_cache")]
+    assert caches and all(cache._value is None for cache in caches)
 
 
 def test_every_tensor_of_a_quantized_model_is_a_parameter_or_a_buffer() -> None:
