@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny, tiny_input
 
 from lrpq import bench
-from lrpq.api import quantize, set_mode
+from lrpq.api import quantize
 from lrpq.bench import (
     BENCH_CONFIG,
     NEAREST_CONFIG,
@@ -37,7 +37,6 @@ from lrpq.primitives import (
     quantize_uniform,
     uniform_qparams,
 )
-from lrpq.quantizers import QuantMode
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -125,46 +124,6 @@ def test_fused_rotation_fold_and_quantizer_of_fc2_equal_the_float64_reference(ow
         quantized = fc2._quantized_reparam_input(given)
     assert (quantized.data_ptr() == given.data_ptr()) == owned  # written over the input only when it owns it
     assert_codes_equal_but_near_boundaries(quantized, quantizer.scale, exact)
-
-
-def quantized_vit() -> tuple[torch.nn.Module, torch.Tensor]:
-    model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
-    return model, tiny_input("vit", batch=2, seed=3)
-
-
-def uncached(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():  # the weight cache serves inference mode only
-        return model(x)
-
-
-def test_weight_cache_follows_weights_parameters_and_mode() -> None:
-    model, x = quantized_vit()
-    layer = model.blocks[0].mlp.fc1
-    with torch.inference_mode():
-        assert torch.equal(model(x), uncached(model, x))
-        cached = layer._weight_cache._value
-        model(x)
-        assert layer._weight_cache._value is cached  # reused, not recomputed
-    with torch.no_grad():
-        layer.weight.mul_(1.5)
-    with torch.inference_mode():
-        assert torch.equal(model(x), uncached(model, x))
-    scale, zero_point = layer.weight_quantizer.scale * 2, layer.weight_quantizer.zero_point
-    layer.weight_quantizer.set_qparams(scale, zero_point)
-    with torch.inference_mode():
-        assert torch.equal(model(x), uncached(model, x))
-        set_mode(model, QuantMode.OFF)
-        assert torch.equal(model(x), uncached(model, x))
-    assert not any("cache" in key for key in model.state_dict())
-
-
-def test_weight_cache_never_reaches_autograd() -> None:
-    model, x = quantized_vit()
-    with torch.inference_mode():
-        model(x)
-    x = x.clone().requires_grad_(True)
-    model(x).sum().backward()
-    assert x.grad is not None
 
 
 def test_table_marks_each_metric_against_its_target() -> None:

@@ -13,7 +13,7 @@ from timm.layers import Attention
 from torch import nn
 
 import lrpq.modules
-from lrpq.api import UnsupportedModelError, prepare, quant_layers, quantize, quantizers
+from lrpq.api import UnsupportedModelError, prepare, quant_layers, quantize, quantizers, set_mode
 from lrpq.config import QuantConfig
 from lrpq.modules import QuantMatMul, register_attention
 from lrpq.quantizers import LogSqrt2Quantizer, QuantMode, UniformQuantizer
@@ -225,3 +225,43 @@ def test_attention_stays_whole_while_hooked_recorded_or_observed() -> None:
     assert not attention._splits_by_images_exactly(q.requires_grad_())
     attention.matmul1.b_quantizer.mode = QuantMode.OBSERVE
     assert not attention._splits_by_images_exactly(q.detach())
+
+
+def quantized_vit() -> tuple[torch.nn.Module, torch.Tensor]:
+    model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
+    return model, tiny_input("vit", batch=2, seed=3)
+
+
+def uncached(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # the weight cache serves inference mode only
+        return model(x)
+
+
+def test_weight_cache_follows_weights_parameters_and_mode() -> None:
+    model, x = quantized_vit()
+    layer = model.blocks[0].mlp.fc1
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+        cached = layer._weight_cache._value
+        model(x)
+        assert layer._weight_cache._value is cached  # reused, not recomputed
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+    scale, zero_point = layer.weight_quantizer.scale * 2, layer.weight_quantizer.zero_point
+    layer.weight_quantizer.set_qparams(scale, zero_point)
+    with torch.inference_mode():
+        assert torch.equal(model(x), uncached(model, x))
+        set_mode(model, QuantMode.OFF)
+        assert torch.equal(model(x), uncached(model, x))
+    assert not any("cache" in key for key in model.state_dict())
+
+
+def test_weight_cache_never_reaches_autograd() -> None:
+    model, x = quantized_vit()
+    with torch.inference_mode():
+        model(x)
+    x = x.clone().requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None
