@@ -36,6 +36,13 @@ DATA_DEPENDENT_STEPS = {
 }
 
 
+@pytest.fixture
+def shape_only_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DATA_DEPENDENT_STEPS`` swapped for their stand-ins, so lrpq runs on fake tensors."""
+    for (module, name), stand_in in DATA_DEPENDENT_STEPS.items():
+        monkeypatch.setattr(module, name, stand_in)
+
+
 def test_auto_takes_cuda_then_mps_then_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -116,12 +123,9 @@ def module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         ("deit_distilled", QuantConfig(4, 4, calibrate_on_quantized=True, gptq=False)),
     ],
 )
-def test_quantize_and_inference_create_every_tensor_on_the_model_device(
-    family: str, config: QuantConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("shape_only_steps")
+def test_quantize_and_inference_create_every_tensor_on_the_model_device(family: str, config: QuantConfig) -> None:
     device = "cuda"
-    for (module, name), stand_in in DATA_DEPENDENT_STEPS.items():
-        monkeypatch.setattr(module, name, stand_in)
     model, images = build_tiny(family), tiny_input(family, 4)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         model = on_fake_device(model, mode, device)
@@ -134,10 +138,9 @@ def test_quantize_and_inference_create_every_tensor_on_the_model_device(
     assert not on_cpu, f"left on the CPU: {on_cpu[:5]}"
 
 
-def test_the_weight_cache_leaves_fake_tensors_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("shape_only_steps")
+def test_the_weight_cache_leaves_fake_tensors_alone() -> None:
     """``torch.compile`` traces with fake tensors, which have no data pointer to key the cache on."""
-    for (module, name), stand_in in DATA_DEPENDENT_STEPS.items():
-        monkeypatch.setattr(module, name, stand_in)
     model = quantize(build_tiny("vit"), QuantConfig(4, 4), tiny_input("vit", 4), progress=False)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode, warnings.catch_warnings():
         warnings.simplefilter("error")  # reading a fake tensor's data pointer warns
