@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 import timm
 import torch
-from conftest import FAMILIES, build_tiny, tiny_input
+from conftest import FAMILIES, assert_codes_equal_but_near_boundaries, build_tiny, tiny_input
 from timm.layers import Attention
 from torch import nn
 
@@ -265,3 +265,19 @@ def test_weight_cache_never_reaches_autograd() -> None:
     x = x.clone().requires_grad_(True)
     model(x).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("owned", [True, False])
+def test_fused_rotation_fold_and_quantizer_of_fc2_equal_the_float64_reference(owned: bool) -> None:
+    model = quantize(build_tiny("vit"), QuantConfig(wbits=4, abits=4), tiny_input("vit", batch=4), progress=False)
+    fc2 = model.blocks[1].mlp.fc2
+    reparam, quantizer = fc2.input_reparam, fc2.input_quantizer
+    hidden = torch.nn.functional.gelu(3.0 * torch.randn(5, 17, 192, generator=torch.Generator().manual_seed(7)))
+    rotation = torch.kron(reparam.rotation.left.double(), reparam.rotation.right.double())
+    exact = ((hidden.double() @ rotation) / reparam.r.double() - reparam.b.double()) / quantizer.scale.double()
+    fc2.input_owned = owned
+    given = hidden.clone()
+    with torch.inference_mode():
+        quantized = fc2._quantized_reparam_input(given)
+    assert (quantized.data_ptr() == given.data_ptr()) == owned  # written over the input only when it owns it
+    assert_codes_equal_but_near_boundaries(quantized, quantizer.scale, exact)

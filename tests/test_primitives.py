@@ -1,4 +1,7 @@
-"""Pure quantization maths on hand-made tensors: uniform grid, log√2 grid, its log2 form, percentiles."""
+"""Pure quantization maths on hand-made tensors: uniform grid, log√2 grid, its log2 form, percentiles.
+
+The fast paths (in-place fake quant, fused affine, log-grid lookup) are checked against the formulas.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_codes_equal_but_near_boundaries
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,6 +100,31 @@ def test_uniform_per_channel_parameters_broadcast() -> None:
     assert torch.equal(fake_quant_uniform(x, scale, zero_point, 2), expected)
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_in_place_uniform_fake_quant_equals_the_textbook_formula(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    x = 3.0 * torch.randn(64, 33, generator=generator)
+    for lower, upper in ((x.min(), x.max() * 0.5), (x.amin(1, keepdim=True) * 0.7, x.amax(1, keepdim=True))):
+        scale, zero_point = uniform_qparams(lower, upper, bits)
+        expected = (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+        assert torch.equal(fake_quant_uniform(x, scale, zero_point, bits), expected)
+        buffer = torch.empty_like(x)
+        assert torch.equal(fake_quant_uniform(x, scale, zero_point, bits, out=buffer), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_affine_folded_into_fake_quant_equals_quantizing_the_mapped_tensor(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    x = 3.0 * torch.randn(200, 96, generator=generator)
+    weight, bias = torch.rand(96, generator=generator) + 0.2, torch.randn(96, generator=generator)
+    scale, zero_point = uniform_qparams(torch.tensor(-4.0), torch.tensor(5.0), bits)
+    fused = fake_quant_uniform(x, scale, zero_point, bits, affine=(weight, bias))
+    exact = (x.double() * weight.double() + bias.double()) / scale.double()
+    assert_codes_equal_but_near_boundaries(fused, scale, exact)
+    buffer = x.clone()
+    assert torch.equal(fake_quant_uniform(buffer, scale, zero_point, bits, out=buffer, affine=(weight, bias)), fused)
+
+
 # ---------------------------------------------------------------------------------------------- log√2 grid
 
 
@@ -145,6 +174,35 @@ def test_log2_form_equals_log_sqrt2_on_softmax_outputs(bits: int) -> None:
     assert torch.equal(shift, shift.round())
     assert set(parity.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(codes, 2 * shift - parity)  # q = 2·ceil(q/2) - parity(q)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_log_grid_lookup_equals_the_elementwise_formulas(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    attn = (4.0 * torch.randn(3, 2, 29, 29, generator=generator)).softmax(dim=-1)
+    attn[0, 0, 0, :4] = 0.0
+    attn[0, 0, 1, :3] = torch.tensor([float("nan"), float("inf"), -0.5])  # as the formula: NaN, scale, 0
+    for scale in (attn.nan_to_num().max(), torch.tensor(0.23), torch.tensor([[[[0.5]], [[0.9]]]])):
+        codes, underflow = quantize_log_sqrt2(attn, scale, bits)
+        shift, parity = log2_shift_form(codes)
+        log2_reference = dequantize_log2(shift, parity, underflow, scale)
+        log_sqrt2_reference = dequantize_log_sqrt2(codes, underflow, scale)
+        exact = {"rtol": 0.0, "atol": 0.0, "equal_nan": True}
+        torch.testing.assert_close(fake_quant_log2(attn, scale, bits), log2_reference, **exact)
+        torch.testing.assert_close(fake_quant_log_sqrt2(attn, scale, bits), log_sqrt2_reference, **exact)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_log_grid_lookup_rounds_like_the_formula_next_to_every_level_boundary(bits: int) -> None:
+    # Every float32 within 512 ulps of each rounding boundary 2^(-(q + 1/2) / 2) of the log√2 grid.
+    boundaries = torch.exp2(-(torch.arange(2**bits, dtype=torch.float64) + 0.5) / 2).float()
+    offsets = torch.arange(-512, 513, dtype=torch.int32)
+    ratios = (boundaries.view(torch.int32).unsqueeze(1) + offsets).view(torch.float32).reshape(-1)
+    unit = torch.tensor(1.0)
+    codes, underflow = quantize_log_sqrt2(ratios, unit, bits)
+    assert torch.equal(fake_quant_log_sqrt2(ratios, unit, bits), dequantize_log_sqrt2(codes, underflow, unit))
+    shift, parity = log2_shift_form(codes)
+    assert torch.equal(fake_quant_log2(ratios, unit, bits), dequantize_log2(shift, parity, underflow, unit))
 
 
 # ---------------------------------------------------------------------------------------------- percentiles
