@@ -9,7 +9,9 @@ quantized once and evaluated unrecovered; then a copy of it is recovered with ea
 Every (model, width, plan, row, draw) is stored as one JSON file in ``--out`` and skipped when it is
 there with the same setting, so the script resumes; quantized draws are kept as run directories in
 ``--cache`` so a resumed run does not calibrate again. ``--doc`` gets one table per (model, width,
-plan) between the markers below (the rest of the file is left as it is):
+plan) between the markers below (the rest of the file is left as it is). Stored settings record the
+thread count, so a re-run at another ``--threads`` measures again; ``--stored-only`` writes the tables
+from whatever is stored and measures nothing:
 
     python scripts/recovery_table.py --models ref-A --bits 4 3 --plans fixed mixed --draws 0 1 2
     python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 1 2   # all 16 losses
@@ -17,6 +19,7 @@ plan) between the markers below (the rest of the file is left as it is):
         --losses mse --combos "kd+mse"
     python scripts/recovery_table.py --models ref-A --bits 3 --plans fixed --draws 0 --losses mse \
         --variant "mse, rounding only" '{"learn": ["rounding"], "lr_rounding": 0.001}'
+    python scripts/recovery_table.py --models ref-B --bits 4 --plans mixed --draws 0 1 2 --stored-only
 
 A cell gives the top-1 per draw and its mean; the gaps to the unrecovered model and to float are
 averaged over the draws both rows have, with a paired 95 % interval over images (each image's
@@ -149,6 +152,14 @@ def float_row(ref: ReferenceModel, out: Path) -> dict:
     return stored or group.put(FLOAT, None, setting, evaluate(build_model(ref.spec), ref.dev(), progress=False))
 
 
+def stored_float_row(ref: ReferenceModel, out: Path) -> dict:
+    """The float row as stored, whatever its setting (``--stored-only``)."""
+    path = Measurements(out, ref.name).path(FLOAT, None)
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run once without --stored-only to measure the float model")
+    return json.loads(path.read_text())
+
+
 def _steps(steps: int | None) -> dict[str, int]:
     return {} if steps is None else {"steps": steps}
 
@@ -226,6 +237,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"recovery steps (default {RecoveryConfig.steps})")
     parser.add_argument("--limit", type=int, help="an evenly spaced subset of each dev folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stored-only", action="store_true", help="write the tables from stored rows, measure nothing")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "recovery")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "recovery-table")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "recovery.md")
@@ -238,10 +250,13 @@ def main() -> None:
     sections = []
     for name in args.models:
         ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit)
-        reference = float_row(ref, args.out)
+        reference = stored_float_row(ref, args.out) if args.stored_only else float_row(ref, args.out)
         for bits in args.bits:
             for plan in args.plans:
-                group = measure(ref, bits, plan, rows, args.draws, args.steps, args.out)
+                if args.stored_only:
+                    group = Measurements(args.out, f"{name}-w{bits}a{bits}-{plan}")
+                else:
+                    group = measure(ref, bits, plan, rows, args.draws, args.steps, args.out)
                 dev = f"{ref.limit} dev images" if ref.limit else "all dev images"
                 title = f"### {REFERENCES[name].label}, W{bits}A{bits} {plan} ({dev}; float {reference['top1']:.2f})"
                 sections.append(f"{title}\n\n{table(group, rows, args.draws, reference)}")
