@@ -56,7 +56,7 @@ from lrpq.prune.run_dir import is_pruned_run
 from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
 from lrpq.recovery import RecoveryConfig, RecoveryReport, recover
 from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
-from lrpq.relevance_export import REPORT_KIND, write_report_files
+from lrpq.relevance.report import REPORT_KIND, write_report_files
 from lrpq.runs import has_run_files, load_run, staged_run_dir, write_run
 
 CLI_MIN_BITS, CLI_MAX_BITS = 3, 8

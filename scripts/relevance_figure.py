@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lrpq.data import load_calibration_images, unnormalize
 from lrpq.models import build_model, resolve_model
 from lrpq.relevance import relevance_map
-from lrpq.relevance_export import save_heatmap, save_heatmap_grid
+from lrpq.relevance.report import save_heatmap, save_heatmap_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -17,7 +17,7 @@ ranking (68.00 vs 68.06 % unrefit, 68.96 vs 69.04 % refit; paired gaps −0.06 a
 intervals −0.72 … +0.60 and −0.43 … +0.27) and beat it with global ranking (65.86 vs 63.94 % unrefit,
 +1.92, +0.93 … +2.91; 65.56 vs 65.10 % refit, +0.46, −0.36 … +1.28).
 
-The propagation reuses ``lrpq.relevance``'s private pass (``_Propagation``) instead of a copy of it:
+The propagation reuses ``lrpq.relevance``'s backward pass (``Propagation``) instead of a copy of it:
 the scored points it records are exactly the tensors needed, and ``explain`` reduces them away.
 """
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lrpq.prune.structure import prunable_blocks
-from lrpq.relevance import _Propagation, check_supported, relevance_trace
+from lrpq.relevance.propagation import Propagation, check_supported, relevance_trace
 
 LRP_SCORES = ("relevance", "relevance-gradient")
 DEFAULT_LRP_SCORE = "relevance-gradient"  # measured: see the module doc
@@ -44,7 +44,7 @@ def _batch_scores(model: nn.Module, batch: Tensor, score: str) -> dict[str, dict
         x = batch.detach().float().clone().requires_grad_(True)
         logits = model(x)
         one_hot = F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
-        ctx = _Propagation(trace, names)
+        ctx = Propagation(trace, names)
         with torch.no_grad():
             ctx.propagate(model, one_hot)
         points = {point.name: point for point in ctx.points}

@@ -20,7 +20,8 @@ from PIL import Image
 
 from lrpq.config import BitPlan
 from lrpq.outputs import staged_dir
-from lrpq.relevance import LayerScores, RelevanceError
+from lrpq.relevance.layer_scores import LayerScores
+from lrpq.relevance.propagation import RelevanceError
 
 ImageLike = torch.Tensor | Image.Image | np.ndarray
 MapLike = torch.Tensor | np.ndarray

@@ -14,7 +14,7 @@ from PIL import Image
 from lrpq.config import BitPlan, LayerBits
 from lrpq.outputs import OutputError
 from lrpq.relevance import LayerScores, RelevanceError
-from lrpq.relevance_export import plot_importance, save_heatmap, save_heatmap_grid, write_relevance_report
+from lrpq.relevance.report import plot_importance, save_heatmap, save_heatmap_grid, write_relevance_report
 
 
 def _scores() -> LayerScores:
