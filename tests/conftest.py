@@ -4,6 +4,8 @@ Models are built fresh for every call (``prepare``/``quantize`` rewrite them in 
 calls with the same seed give the same weights. The models are tiny, so intra-op threads only add contention
 on a loaded machine (measured: a tiny ViT forward takes ~0.4 s with 2 threads under load, ~10 ms with 1).
 
+Tests marked ``shared`` run real-size models, whose matmuls do use every core: they get all of them.
+
 The single end-to-end ``python -m lrpq`` subprocess of ``test_cli.py`` spends ~10 s of CPU importing torch and
 timm; it is started as soon as collection ends so that start-up overlaps the in-process tests.
 """
@@ -11,6 +13,7 @@ timm; it is started as soon as collection ends so that start-up overlaps the in-
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -79,6 +82,20 @@ def tiny_input(family: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, *FAMILIES[family][2], generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True)
+def all_cores_for_reference_models(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A ``shared`` test gets every core for its duration; the others keep the suite's one thread."""
+    if request.node.get_closest_marker("shared") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """The shared reference folder, or a skip when this machine does not have it."""
@@ -131,6 +148,13 @@ def python_m_lrpq(request: pytest.FixtureRequest) -> Iterator[tuple[int, str, st
     yield process.returncode, stdout, stderr, folder
 
 
+# Quantized reference models by (model, data, calibration images, config), the latest few: tests that
+# compare a feature on and off share configurations (the default at W6A6, the unrotated fold), and
+# quantizing ref-B is most of their time. A cached model is only read: point selections work on a copy.
+_QUANTIZED: dict[tuple[str, str, int, str], nn.Module] = {}
+_QUANTIZED_KEPT = 4
+
+
 def reference_snrs(
     shared_dir: Path,
     model: str,
@@ -157,8 +181,15 @@ def reference_snrs(
     with torch.no_grad():
         reference = float_model(x)
         for key, config in configs.items():
-            quantized = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+            cache_key = (model, data, calib_images, json.dumps(config.to_json_dict(), sort_keys=True))
+            quantized = _QUANTIZED.pop(cache_key, None)
+            if quantized is None:
+                quantized = quantize(copy.deepcopy(float_model), config, calib, progress=False)
+            _QUANTIZED[cache_key] = quantized  # the most recently used last
+            while len(_QUANTIZED) > _QUANTIZED_KEPT:
+                del _QUANTIZED[next(iter(_QUANTIZED))]
             if points is not None:
+                quantized = copy.deepcopy(quantized)
                 for name, quantizer in quantizers(quantized).items():
                     quantizer.mode = QuantMode.QUANT if name.endswith(points) else QuantMode.OFF
             snrs[key] = snr_db(reference, quantized(x))
