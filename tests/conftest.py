@@ -149,7 +149,7 @@ def python_m_lrpq(request: pytest.FixtureRequest) -> Iterator[tuple[int, str, st
 
 
 # Quantized reference models by (model, data, calibration images, config), the latest few: tests that
-# compare a feature on and off share configurations (the default at W6A6, the unrotated fold), and
+# compare a feature on and off share configurations (the unrotated W6A6 fold, the head-rotation pair), and
 # quantizing ref-B is most of their time. A cached model is only read: point selections work on a copy.
 _QUANTIZED: dict[tuple[str, str, int, str], nn.Module] = {}
 _QUANTIZED_KEPT = 4
