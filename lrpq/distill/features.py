@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lrpq.errors import LrpqError
+from lrpq.explicit_attention import explicit_attention
 
 
 class DistillError(LrpqError):
@@ -164,20 +165,16 @@ def capture_features(model: nn.Module, *, attention: bool = True) -> Iterator[Fe
     attentions = [block.attn for block in blocks if hasattr(getattr(block, "attn", None), "attn_drop")]
     if not attention or len(attentions) != len(blocks):
         attentions = []
-    fused = {module: module.fused_attn for module in attentions if hasattr(module, "fused_attn")}
     handles = [model.register_forward_pre_hook(capture.start), model.register_forward_hook(capture.finish)]
     try:
         handles += [block.register_forward_hook(capture.block) for block in blocks]
         handles += [module.attn_drop.register_forward_hook(capture.attention) for module in attentions]
         handles += [classifier.register_forward_pre_hook(capture.head) for classifier in classifiers]
-        for module in fused:
-            module.fused_attn = False
-        yield capture
+        with explicit_attention(attentions):
+            yield capture
     finally:
         for handle in handles:
             handle.remove()
-        for module, value in fused.items():
-            module.fused_attn = value
 
 
 def extract_features(

@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from lrpq.errors import LrpqError
+from lrpq.explicit_attention import explicit_attention
 from lrpq.relevance.rules import (
     add_relevance,
     clone_relevance,
@@ -73,20 +74,16 @@ def relevance_trace(model: nn.Module) -> Iterator[RelevanceTrace]:
     trace = RelevanceTrace()
     training = {module: module.training for module in model.modules()}
     attentions = [m for m in model.modules() if isinstance(m, (Attention, WindowAttention))]
-    fused = {module: module.fused_attn for module in attentions}
     handles = []
     try:
         model.eval()
-        for module in attentions:
-            module.fused_attn = False
         for module in model.modules():
             handles.append(module.register_forward_hook(trace.record))
-        yield trace
+        with explicit_attention(attentions):
+            yield trace
     finally:
         for handle in handles:
             handle.remove()
-        for module, value in fused.items():
-            module.fused_attn = value
         for module, value in training.items():
             module.training = value
 

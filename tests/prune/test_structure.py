@@ -10,6 +10,7 @@ import torch
 from conftest import FAMILIES, build_tiny, tiny_input
 from timm.layers import LayerScale
 
+from lrpq.explicit_attention import explicit_attention
 from lrpq.prune.structure import (
     BlockKeep,
     PrunedStructure,
@@ -93,11 +94,9 @@ def test_fused_attention_path_agrees(family: str) -> None:
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "fused_attn"):
-                module.fused_attn = False
-        explicit = model(x)
-        for module in model.modules():
-            if hasattr(module, "fused_attn"):
                 module.fused_attn = True
+        with explicit_attention(model.modules()):
+            explicit = model(x)
         torch.testing.assert_close(model(x), explicit, atol=1e-5, rtol=0)
 
 
