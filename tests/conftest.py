@@ -6,8 +6,8 @@ on a loaded machine (measured: a tiny ViT forward takes ~0.4 s with 2 threads un
 
 Tests marked ``shared`` run real-size models, whose matmuls do use every core: they get all of them.
 
-The single end-to-end ``python -m lrpq`` subprocess of ``test_cli.py`` spends ~10 s of CPU importing torch and
-timm; it is started as soon as collection ends so that start-up overlaps the in-process tests.
+The single end-to-end ``python -m lrpq`` subprocess of ``tests/cli/test_cli.py`` spends ~10 s of CPU importing torch
+and timm; it is started as soon as collection ends so that start-up overlaps the in-process tests.
 """
 
 from __future__ import annotations

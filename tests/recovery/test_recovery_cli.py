@@ -21,7 +21,7 @@ DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny model card with random weights and 8 PNG images in 2 class folders (as tests/test_cli.py's)."""
+    """A tiny model card with random weights and 8 PNG images in 2 class folders (as tests/cli/test_cli.py's)."""
     root = tmp_path_factory.mktemp("recovery-cli")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **KWARGS)

@@ -1,25 +1,16 @@
-"""``lrpq`` command line: argument parsing and printing only; the work happens in the library."""
+"""``lrpq quantize``: its arguments, and the run directory it writes around ``lrpq.api.quantize``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import FrameType
 
 import torch
 
-from lrpq import bench
 from lrpq.allocation.budget import BUDGETS, quantized_model_cost
-from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES, plan_from_scores, widths_for
+from lrpq.allocation.from_relevance import DEFAULT_RELEVANCE_IMAGES
 from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES
 from lrpq.allocation.plans import (
     ALLOCATORS,
@@ -35,104 +26,33 @@ from lrpq.allocation.plans import (
     mixed_plan,
     weight_floor,
 )
-from lrpq.allocation.solvers import ALLOCATORS as RELEVANCE_RULES
 from lrpq.api import quantize
-from lrpq.config import FOLDED_GRIDS, RANGE_METRICS, BitPlan, QuantConfig
-from lrpq.data import (
-    draw_calibration_set,
-    load_calibration_images,
-    make_loader,
-    read_calibration_list,
-    unnormalize,
+from lrpq.cli.arguments import (
+    add_calibration_arguments,
+    add_widths_argument,
+    bits,
+    calibration_images,
+    image_folder,
+    mean_targets,
+    mixed_widths,
+    positive_float,
+    positive_int,
 )
-from lrpq.devices import add_device_argument, loader_options, resolve_device
+from lrpq.config import FOLDED_GRIDS, RANGE_METRICS, BitPlan, QuantConfig
+from lrpq.data import draw_calibration_set, load_calibration_images
+from lrpq.devices import add_device_argument, resolve_device
 from lrpq.errors import LrpqError
-from lrpq.evaluate import Comparison, EvalResult, compare, evaluate
 from lrpq.models import ModelSpec, build_model, resolve_model
-from lrpq.outputs import staged_dir, staged_file
-from lrpq.prune.cli import add_prune_parser
 from lrpq.prune.cost import model_cost
-from lrpq.prune.run_dir import is_pruned_run
 from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
 from lrpq.recovery import RecoveryConfig, RecoveryReport, recover
-from lrpq.relevance import LayerScores, RelevanceError, compute_layer_scores, relevance_map
-from lrpq.relevance.report import REPORT_KIND, write_report_files
-from lrpq.runs import has_run_files, load_run, staged_run_dir, write_run
-
-CLI_MIN_BITS, CLI_MAX_BITS = 3, 8
-EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # the shell's convention
-
-
-def _bits(text: str) -> int | float:
-    """A bit width, or a fractional mean-bits target (3.5) that only a budgeted allocator can meet."""
-    try:
-        bits = float(text)
-    except ValueError:
-        bits = math.nan
-    if not CLI_MIN_BITS <= bits <= CLI_MAX_BITS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a bit width lrpq accepts: use {CLI_MIN_BITS} to {CLI_MAX_BITS}"
-        )
-    return int(bits) if bits.is_integer() else bits
-
-
-def _widths(args: argparse.Namespace, wbits: float, abits: float) -> tuple[int, int]:
-    """The widths a mixed plan may use: --widths, checked against the targets, or the default range."""
-    return widths_for(wbits, abits, tuple(args.widths) if args.widths else None)
-
-
-def _targets(args: argparse.Namespace) -> tuple[int | float, int | float]:
-    """--wbits and --abits (which defaults to --wbits) as mean bits; a fractional mean needs --mixed."""
-    targets = args.wbits, args.abits if args.abits is not None else args.wbits
-    fractional = [bits for bits in targets if not float(bits).is_integer()]
-    if fractional and not getattr(args, "mixed", True):
-        raise LrpqError(
-            f"{fractional[0]} bits is a mean no single width has: pass --mixed to spread it over the layers, "
-            "or use whole bits"
-        )
-    return targets
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def _image_folder(args: argparse.Namespace) -> str:
-    folder = args.calib_data or os.environ.get("LRPQ_CALIB_DATA")
-    if folder is None:
-        raise LrpqError("calibration images are needed: pass --calib-data DIR (an ImageFolder) or set LRPQ_CALIB_DATA")
-    return folder
-
-
-def _calibration_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
-    """Seeded draw from --calib-data, or a fixed list (paths relative to --calib-data)."""
-    folder = _image_folder(args)
-    if args.calib_list:
-        paths = read_calibration_list(args.calib_list, folder)
-    else:
-        paths = draw_calibration_set(folder, args.calib_size, args.seed)
-    return load_calibration_images(paths, spec.data_config)
+from lrpq.relevance import LayerScores
+from lrpq.runs import staged_run_dir, write_run
 
 
 def _relevance_images(args: argparse.Namespace, spec: ModelSpec) -> torch.Tensor:
     """--relevance-images images of the calibration folder (drawn with --seed), for the relevance allocators."""
-    paths = draw_calibration_set(_image_folder(args), args.relevance_images, args.seed)
+    paths = draw_calibration_set(image_folder(args, "the relevance allocator"), args.relevance_images, args.seed)
     return load_calibration_images(paths, spec.data_config)
 
 
@@ -198,12 +118,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for flag in ("widths", "min_wbits", "budget", "scores"):
         if getattr(args, flag) and not args.mixed:
             raise LrpqError(f"--{flag.replace('_', '-')} shapes a mixed plan: pass it with --mixed")
-    wbits, abits = _targets(args)
+    wbits, abits = mean_targets(args)
     recovery = _recovery_config(args)
     budget = args.budget or default_budget(args.allocator)
     if args.mixed:
         check_request(args.allocator, budget, wbits, abits)
-    widths = _widths(args, wbits, abits) if args.mixed else None
+    widths = mixed_widths(args, wbits, abits) if args.mixed else None
     if args.min_wbits is not None and args.allocator == "paper":
         raise LrpqError(
             "--min-wbits bounds the measured and exact plans; the paper rule moves one bit around the target"
@@ -218,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # The whole run happens in a staging folder beside --out, made now: an unusable --out fails before any
     # work, and any failure (an error, Ctrl-C, SIGTERM) removes it.
     with staged_run_dir(out_dir, args.overwrite) as staging:
-        calib = _calibration_images(args, spec)
+        calib = calibration_images(args, spec, "quantization")
         model = build_model(spec).to(device)
         cost = model_cost(model, spec.data_config["input_size"])  # of the float (possibly pruned) model
         started = time.perf_counter()
@@ -293,138 +213,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(source: str, result: EvalResult) -> None:
-    top5 = f", top-5 {result.top5:.2f}%" if result.top5 is not None else ""
-    skipped = f", {result.skipped} unreadable skipped" if result.skipped else ""
-    print(f"{source}: top-1 {result.top1:.2f}%{top5} on {result.n} images{skipped} ({result.seconds:.1f} s)")
-
-
-def _print_comparison(source: str, comparison: Comparison) -> None:
-    result, low, high = comparison.result, *comparison.confidence_interval()
-    print(
-        f"{source}: top-1 {result.top1:.2f}% vs float {comparison.reference.top1:.2f}%: "
-        f"{comparison.difference:+.2f} points (95% CI {low:+.2f} to {high:+.2f}); same prediction on "
-        f"{comparison.agreement:.2f}%; {comparison.right_only_model} right only when quantized, "
-        f"{comparison.right_only_reference} only in float; {result.n} images ({result.seconds:.1f} s)"
-    )
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    # --json is written through a staging file made now, so an unwritable path fails before the evaluation.
-    with staged_file(args.json) if args.json else nullcontext() as json_staging:
-        payload = _evaluate(args)
-        if json_staging is not None:
-            payload |= {"model": args.model, "data": str(args.data)}
-            json_staging.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> dict[str, object]:
-    """Evaluate (or compare against float) as ``lrpq eval`` asks, print the result and return it as JSON."""
-    device = resolve_device(args.device)
-    if has_run_files(args.model) and not is_pruned_run(args.model):  # a damaged run is named as one, not a model
-        model, spec, _ = load_run(args.model, device)
-    elif args.against_float:
-        raise LrpqError(
-            f"--against-float compares a run directory's quantized model with its float model; "
-            f"{args.model} is not a run directory (expected one written by `lrpq quantize`)"
-        )
-    else:
-        spec = resolve_model(args.model, args.checkpoint)
-        model = build_model(spec).to(device)
-    num_classes = model.num_classes
-    options = loader_options(device, args.workers)
-    loader = make_loader(
-        args.data,
-        spec.data_config,
-        spec.classes,
-        num_classes,
-        args.batch_size,
-        args.limit,
-        options["num_workers"],
-        options["pin_memory"],
-    )
-    if args.against_float:
-        comparison = compare(model, build_model(spec).to(device), loader)
-        _print_comparison(args.model, comparison)
-        payload = comparison.to_json_dict()
-    else:
-        result = evaluate(model, loader)
-        _print_result(args.model, result)
-        payload = result.to_json_dict()
-    return payload
-
-
-def _heat_map(model: torch.nn.Module, image: torch.Tensor, method: str) -> torch.Tensor:
-    """``auto``: attention rollout where the model has a class token (clearer on ViTs), else pixel LRP."""
-    if method != "auto":
-        return relevance_map(model, image, method=method)
-    try:
-        return relevance_map(model, image, method="attribution")
-    except RelevanceError:
-        return relevance_map(model, image, method="lrp")
-
-
-def cmd_relevance(args: argparse.Namespace) -> int:
-    wbits, abits = _targets(args)
-    fractional = [bits for bits in (wbits, abits) if not float(bits).is_integer()]
-    if args.allocator == "paper" and fractional:
-        raise LrpqError(
-            f"{fractional[0]} bits is a mean the paper rule cannot reach (it moves whole bits); use --allocator exact"
-        )
-    widths = _widths(args, wbits, abits)
-    device = resolve_device(args.device)
-    spec = resolve_model(args.model, args.checkpoint)
-    with staged_dir(args.out, what=REPORT_KIND) as staging:  # --out is checked and usable before any work
-        model = build_model(spec).to(device)
-        paths = draw_calibration_set(args.data, args.num_images, args.seed)
-        images = load_calibration_images(paths, spec.data_config)
-        scores = compute_layer_scores(model, images, stop_tau=args.stop_tau)
-        plan = plan_from_scores(model, scores, wbits=wbits, abits=abits, allocator=args.allocator, widths=widths)
-        heatmaps = [
-            (
-                unnormalize(image, spec.data_config),
-                _heat_map(model, image, args.map_method),
-                f"{path.parent.name}/{path.name}",
-            )
-            for image, path in zip(images[: args.heatmaps], paths[: args.heatmaps], strict=True)
-        ]
-        write_report_files(staging, scores, plan, heatmaps)
-    print(f"scored {len(scores.scores)} layers on {scores.num_images} images of {args.data} → {args.out}")
-    return 0
-
-
-def _add_widths_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--widths",
-        nargs=2,
-        type=int,
-        metavar=("LO", "HI"),
-        help="widths a mixed plan may use (default 3–6, widened to one bit either side of the target)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrpq", description="Mixed-precision PTQ for vision transformers.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``lrpq quantize`` on the ``lrpq`` subcommands."""
     q = commands.add_parser("quantize", help="quantize a model and write a run directory")
     q.add_argument("model", help="alias (deit_s, swin_t, …), timm model name, or model card JSON")
     q.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
     q.add_argument(
         "--wbits",
-        type=_bits,
+        type=bits,
         required=True,
         help="weight bits (3–8); with --mixed the mean, which the exact and sensitivity allocators also "
         "take fractional (3.5)",
     )
-    q.add_argument("--abits", type=_bits, help="activation bits (3–8, as --wbits; default: --wbits)")
-    q.add_argument("--calib-data", help="ImageFolder to draw calibration images from (or $LRPQ_CALIB_DATA)")
-    q.add_argument("--calib-list", help="fixed list of calibration images, relative to --calib-data")
-    q.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
+    q.add_argument("--abits", type=bits, help="activation bits (3–8, as --wbits; default: --wbits)")
+    add_calibration_arguments(q)
     q.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         help="calibration images per forward pass (default 32); fewer use less memory, and each "
         "activation range is then the mean of the per-batch ranges",
@@ -468,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--clip-k",
-        type=_positive_float,
+        type=positive_float,
         default=QuantConfig.clip_k,
         help=f"CRL: clip channel scales and zero points to mean ± k·std before folding (default: {QuantConfig.clip_k})",
     )
@@ -496,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a mixed plan may not exceed, the fixed-bit plan's: layers (mean width), size (weight bits "
         "per parameter) or bops (bit-operations, and size); default bops (layers for the paper rule)",
     )
-    _add_widths_argument(q)
+    add_widths_argument(q)
     q.add_argument(
         "--min-wbits",
         type=int,
@@ -506,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--noise-images",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_NOISE_IMAGES,
         help=f"calibration images the layer noise is measured on (default {DEFAULT_NOISE_IMAGES}, "
         "at most the calibration set)",
@@ -533,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--relevance-images",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_RELEVANCE_IMAGES,
         help=f"images (from --calib-data) to score layers on (default {DEFAULT_RELEVANCE_IMAGES})",
     )
@@ -548,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--recover-steps",
-        type=_positive_int,
+        type=positive_int,
         help=f"optimisation steps of --recover (default {RecoveryConfig.steps})",
     )
     q.add_argument(
@@ -562,94 +367,3 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     add_device_argument(q)
     q.set_defaults(func=cmd_quantize)
-
-    e = commands.add_parser("eval", help="top-1/top-5 of a float model or a run directory on an ImageFolder")
-    e.add_argument("model", help="run directory, alias, timm model name, or model card JSON")
-    e.add_argument("--checkpoint", help="weights file for a float model")
-    e.add_argument("--data", required=True, help="ImageFolder-style directory (<class>/<image>)")
-    e.add_argument("--batch-size", type=_positive_int, default=64)
-    e.add_argument("--limit", type=_positive_int, help="evaluate an evenly spaced subset of this many images")
-    e.add_argument(
-        "--workers", type=int, help="data-loading worker processes (default: 0 on the CPU, up to 4 on a GPU)"
-    )
-    add_device_argument(e)
-    e.add_argument(
-        "--against-float",
-        action="store_true",
-        help="also run a run directory's float model on the same images: the paired top-1 gap with a 95%% CI",
-    )
-    e.add_argument("--json", help="also write the result to this JSON file")
-    e.set_defaults(func=cmd_eval)
-
-    r = commands.add_parser("relevance", help="per-layer relevance scores, chosen bits and heat maps")
-    r.add_argument("model", help="alias, timm model name, or model card JSON")
-    r.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
-    r.add_argument("--data", required=True, help="ImageFolder to draw images from (training images, ideally)")
-    r.add_argument("--num-images", type=_positive_int, default=DEFAULT_RELEVANCE_IMAGES)
-    r.add_argument("--stop-tau", type=float, help="stop early once the layer ranking is this stable (Kendall τ)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--wbits", type=_bits, default=4, help="mean weight bits of the plan drawn on the chart")
-    r.add_argument("--abits", type=_bits, help="mean activation bits of the plan (default: --wbits)")
-    r.add_argument("--allocator", choices=RELEVANCE_RULES, default="paper")
-    _add_widths_argument(r)
-    r.add_argument("--heatmaps", type=int, default=4, help="images to draw a relevance heat map for")
-    r.add_argument("--map-method", choices=("auto", "attribution", "lrp"), default="auto")
-    r.add_argument("--out", required=True, help="folder to write (must not exist)")
-    add_device_argument(r)
-    r.set_defaults(func=cmd_relevance)
-
-    add_prune_parser(commands)
-
-    b = commands.add_parser("bench", help="calibration, relevance, inference, memory and size as ratios to float")
-    bench.add_arguments(b)
-    b.set_defaults(func=bench.run_from_args)
-    return parser
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised as Ctrl-C raises KeyboardInterrupt (and like it no ``Exception``), so clean-up code runs."""
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into ``Terminated`` while a command runs, unless SIGTERM already has a handler or is ignored.
-
-    Without this, SIGTERM kills the process at once and leaves its staging folder behind.
-    """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; a user error is one line and status 2.
-
-    Ctrl-C and SIGTERM are one line too, with the statuses a shell gives a process they end (130, 143), once
-    the command has removed what it had begun to write.
-    """
-    args = build_parser().parse_args(argv)
-    try:
-        with _sigterm_raises():
-            return args.func(args)
-    except LrpqError as error:
-        print(f"lrpq {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lrpq {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Terminated:
-        print(f"lrpq {args.command}: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ from lrpq.models import build_model, resolve_model
 from lrpq.quantizers import QuantMode
 from lrpq.runs import load_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["cat", "dog"]
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2, "num_classes": 2}
 DATA_CONFIG = {
@@ -488,7 +488,15 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*_: object, **__: object) -> None:
         pytest.fail("the command did work before refusing its output path")
 
-    for name in ("build_model", "_calibration_images", "load_run", "evaluate"):
+    for name in (
+        "quantize_command.build_model",
+        "quantize_command.calibration_images",
+        "eval_command.build_model",
+        "eval_command.load_run",
+        "eval_command.evaluate",
+        "relevance_command.build_model",
+        "prune_command.build_model",
+    ):
         monkeypatch.setattr(f"lrpq.cli.{name}", fail)
 
 
@@ -578,7 +586,7 @@ def test_interrupted_quantize_leaves_nothing(
     def ctrl_c(*_: object, **__: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lrpq.cli.quantize", ctrl_c)
+    monkeypatch.setattr("lrpq.cli.quantize_command.quantize", ctrl_c)
     status, _, err = run_cli(quantize_args(workspace, "--out", tmp_path / "runs" / "run"), capsys)
     assert status == 130
     assert err == "lrpq quantize: interrupted\n"

@@ -1,55 +1,21 @@
-"""``lrpq prune``: its arguments and the thin call into ``lrpq.prune.pipeline`` (kept out of ``lrpq.cli``)."""
+"""``lrpq prune``: its arguments and the thin call into ``lrpq.prune.pipeline``."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from lrpq.data import draw_calibration_set, load_calibration_images, read_calibration_list
+from lrpq.cli.arguments import add_calibration_arguments, calibration_images, fraction, positive_int
 from lrpq.errors import LrpqError
-from lrpq.models import ModelSpec, build_model, resolve_model
+from lrpq.models import build_model, resolve_model
 from lrpq.prune.criteria import CRITERIA, DATA_CRITERIA
 from lrpq.prune.lrp_scores import DEFAULT_LRP_SCORE, LRP_SCORES
 from lrpq.prune.pipeline import PruneConfig, prune
 from lrpq.prune.run_dir import staged_pruned_run, write_pruned_run
 from lrpq.prune.selection import RANKINGS
 from lrpq.prune.unstructured import SCOPES
-
-
-def _fraction(text: str) -> float:
-    """A share of units or weights to remove: 0 ≤ f < 1 (every block keeps at least one unit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def _calibration_images(args: argparse.Namespace, spec: ModelSpec, why: str) -> torch.Tensor:
-    """Seeded draw from --calib-data (or $LRPQ_CALIB_DATA), or a fixed --calib-list relative to it."""
-    folder = args.calib_data or os.environ.get("LRPQ_CALIB_DATA")
-    if folder is None:
-        raise LrpqError(f"{why} needs calibration images: pass --calib-data DIR (an ImageFolder)")
-    if args.calib_list:
-        paths = read_calibration_list(args.calib_list, folder)
-    else:
-        paths = draw_calibration_set(folder, args.calib_size, args.seed)
-    return load_calibration_images(paths, spec.data_config)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -77,7 +43,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 if config.criterion in DATA_CRITERIA
                 else "recovery (--no-recovery skips it)"
             )
-            images = _calibration_images(args, spec, why)
+            images = calibration_images(args, spec, why)
         model = build_model(spec)
         started = time.perf_counter()
         result = prune(model, config, images, input_size=spec.data_config["input_size"], batch_size=args.batch_size)
@@ -100,8 +66,8 @@ def add_prune_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("prune", help="remove attention heads and MLP hidden channels; write a loadable card")
     p.add_argument("model", help="alias, timm model name, model card JSON, or a pruned run directory")
     p.add_argument("--checkpoint", help="weights file to load instead of timm's pretrained weights")
-    p.add_argument("--heads", type=_fraction, default=0.0, help="fraction of each block's heads to remove")
-    p.add_argument("--mlp", type=_fraction, default=0.0, help="fraction of each block's MLP hidden channels to remove")
+    p.add_argument("--heads", type=fraction, default=0.0, help="fraction of each block's heads to remove")
+    p.add_argument("--mlp", type=fraction, default=0.0, help="fraction of each block's MLP hidden channels to remove")
     p.add_argument("--criterion", choices=CRITERIA, default="lrp", help="how units are scored (default lrp)")
     p.add_argument(
         "--lrp-score",
@@ -118,7 +84,7 @@ def add_prune_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--hidden-multiple",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="round each block's kept hidden channels up to a multiple of N (e.g. 32: hardware-friendly widths, "
         "small Hadamard factors for quantize's hidden rotation; default 1)",
@@ -128,15 +94,13 @@ def add_prune_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--unstructured",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         help="then zero this share of the block Linears' weights by magnitude (reported as sparsity)",
     )
     p.add_argument("--unstructured-scope", choices=SCOPES, default="global", help="one threshold, or one per layer")
-    p.add_argument("--calib-data", help="ImageFolder to draw calibration images from (or $LRPQ_CALIB_DATA)")
-    p.add_argument("--calib-list", help="fixed list of calibration images, relative to --calib-data")
-    p.add_argument("--calib-size", type=_positive_int, default=32, help="calibration images to draw (default 32)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per relevance/statistics pass")
+    add_calibration_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per relevance/statistics pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and of --criterion random")
     p.add_argument("--out", required=True, help="pruned run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
