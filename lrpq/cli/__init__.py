@@ -80,7 +80,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"lrpq {args.command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
-
-
-if __name__ == "__main__":
-    sys.exit(main())
