@@ -26,7 +26,6 @@ from lrpq.evaluate import evaluate
 from lrpq.models import build_model
 from lrpq.recovery import LEARNABLE, RecoveryConfig, learnable
 from lrpq.recovery.augment import augment
-from lrpq.recovery.learnable import LearnedRounding
 from lrpq.recovery.recover import learning_rate_factor, relative_rate
 
 
@@ -50,14 +49,13 @@ def trainable(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in block.named_parameters() if p.requires_grad]
 
 
-def rate(block: nn.Module, name: str, parameter: nn.Parameter, config: RecoveryConfig) -> float:
-    """The learning rate ``lrpq.recovery.recover`` gives this parameter of ``block``."""
-    owner, kind = name.rsplit(".", 1)
+def rate(name: str, parameter: nn.Parameter, config: RecoveryConfig) -> float:
+    """The learning rate ``lrpq.recovery.recover`` gives this parameter."""
+    kind = name.rsplit(".", 1)[-1]
     if kind == "v":
         return config.lr_rounding
     if kind == "log_ratio":
-        weight_grid = isinstance(block.get_submodule(owner), LearnedRounding)
-        return config.lr_weight_scales if weight_grid else config.lr_scales
+        return config.lr_scales
     return relative_rate(parameter, config.lr_floats)
 
 
@@ -87,9 +85,7 @@ def main() -> None:
     with learnable(model, config.learn):
         quantized_input = block_inputs_and_outputs(model, images)[0][0]
         for block, float_input, float_output in zip(model.blocks, float_inputs, float_outputs, strict=True):
-            optimiser = torch.optim.Adam(
-                [{"params": [p], "lr": rate(block, name, p, config)} for name, p in trainable(block)]
-            )
+            optimiser = torch.optim.Adam([{"params": [p], "lr": rate(name, p, config)} for name, p in trainable(block)])
             schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: learning_rate_factor(step, args.steps))
             for _ in range(args.steps):
                 index = torch.randint(len(images), (config.batch_size,), generator=generator)

@@ -8,7 +8,7 @@ from typing import Any
 
 from lrpq.distill import parse_spec
 from lrpq.errors import LrpqError
-from lrpq.recovery.learnable import DEFAULT_LEARN, LEARNABLE
+from lrpq.recovery.learnable import LEARNABLE
 
 DEFAULT_LOSS = "nmse"  # measured best on ref-B W4A4 over three draws (docs/recovery.md)
 
@@ -25,10 +25,9 @@ class RecoveryConfig:
     teacher's features; ``steps`` optimisation steps of ``batch_size`` augmented calibration images
     (``augment``), Adam with a short warm-up and a cosine decay, one learning rate per group of
     ``learn`` (``lrpq.recovery.learnable``): rounding variables (``lr_rounding``), log activation
-    scales (``lr_scales``), log per-channel weight scales (``lr_weight_scales``), LayerNorm/LayerScale/
-    bias floats and the loss's own connectors (``lr_floats``, relative to each tensor's root mean
-    square). ``drop`` > 0 trains with QDrop (each activation element float with that probability).
-    ``seed`` fixes the batches, views and drops.
+    scales (``lr_scales``), LayerNorm/LayerScale/bias floats and the loss's own connectors
+    (``lr_floats``, relative to each tensor's root mean square). ``drop`` > 0 trains with QDrop (each
+    activation element float with that probability). ``seed`` fixes the batches, views and drops.
     """
 
     loss: str = DEFAULT_LOSS
@@ -37,10 +36,7 @@ class RecoveryConfig:
     lr_rounding: float = 1e-3
     lr_scales: float = 1e-4
     lr_floats: float = 1e-2
-    # Adam moves a log ratio about its rate a step: 50 steps reach a few per cent, the size of a 4-bit
-    # channel's gain error.
-    lr_weight_scales: float = 1e-3
-    learn: tuple[str, ...] = DEFAULT_LEARN
+    learn: tuple[str, ...] = LEARNABLE
     drop: float = 0.0  # QDrop: probability that an activation element stays float in a training step
     augment: bool = True
     seed: int = 0
@@ -52,7 +48,7 @@ class RecoveryConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecoveryError(f"recovery {name}={value!r} must be a positive integer")
-        for name in ("lr_rounding", "lr_scales", "lr_weight_scales", "lr_floats"):
+        for name in ("lr_rounding", "lr_scales", "lr_floats"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise RecoveryError(f"recovery {name}={value!r} must be a non-negative number")

@@ -3,8 +3,8 @@
 ``learnable(model, learn)`` swaps every quantizer in QUANT mode for a differentiable stand-in
 (``lrpq.recovery.ste``) and marks the chosen float parameters trainable; leaving it writes what was
 learned back into the quantizers' own buffers and puts them back. Nothing of the stand-ins outlives
-the context, so the state dict has exactly the keys it had, and the grids' widths and integer zero
-points are never touched:
+the context, so the state dict has exactly the keys it had, and the grids' widths, zero points and
+weight scales are never touched:
 
 * ``rounding`` — AdaRound's variable (Nagel et al. 2020): each quantized weight chooses between two
   adjacent levels by ``h(V) ≥ ½``, ``h`` a rectified sigmoid of a free ``V``. The forward always uses
@@ -15,10 +15,6 @@ points are never touched:
   nearest one), and ``codes()`` and packed export stay exact;
 * ``scales`` — LSQ: the per-tensor scale of every activation quantizer (uniform and log2), learned as
   its logarithm so it stays positive; zero points stay the calibrated integers;
-* ``weight_scales`` — each weight quantizer's per-channel scale, learned as its logarithm with the
-  levels held (or learned by ``rounding``): a per-output-channel gain on the integer product, which
-  the packed export stores anyway; on exit the rounding offsets are re-expressed against the new
-  scale, so the codes kept are the codes trained on. Not in ``DEFAULT_LEARN`` (docs/recovery.md);
 * ``norms`` — LayerNorm affine and LayerScale (float multipliers an integer pipeline applies anyway);
 * ``biases`` — every Linear and Conv2d bias (added in the accumulator's float output).
 
@@ -54,8 +50,7 @@ from lrpq.recovery.ste import (
     rectified_sigmoid,
 )
 
-LEARNABLE = ("rounding", "scales", "weight_scales", "norms", "biases")
-DEFAULT_LEARN = ("rounding", "scales", "norms", "biases")
+LEARNABLE = ("rounding", "scales", "norms", "biases")
 # ``h`` starts inside the cell of the level a weight already rounds to (GPTQ's or the nearest), at least
 # this many levels from its edge: before any step every weight keeps its level, and a weight changes
 # level only after a sustained push (GPTQ's moved weights all sit at an edge otherwise).
@@ -63,22 +58,19 @@ _CELL_MARGIN = 0.1
 
 
 class LearnedRounding(nn.Module):
-    """A weight quantizer's stand-in: ``(base + [h(V) ≥ ½] − z) · s₀ · exp(t)``, ``h``'s gradient passed to ``V``.
+    """A weight quantizer's stand-in: ``(base + [h(V) ≥ ½] − z) · s``, with ``h``'s gradient passed to ``V``.
 
     ``base`` and ``base + 1`` are the two levels a weight may take. ``h`` starts at the point of the
     current level's rounding cell nearest the float weight, kept ``_CELL_MARGIN`` inside it (the
     float weight itself where that level is the nearest one and the weight is not near the cell's
     edge), as AdaRound starts from the float weight: a weight that sits near the middle of two
-    levels changes level sooner than one near a level. ``V`` is learned with ``learn_rounding``, the
-    per-channel log scale ratio ``t`` (0 at the start, so the calibrated grid exactly) with ``learn_scale``.
+    levels changes level sooner than one near a level.
     """
 
     # Not QUANT: ``_WeightCache`` then calls this on every forward instead of caching a weight that moves.
     mode = QuantMode.OFF
 
-    def __init__(
-        self, quantizer: WeightQuantizer, weight: torch.Tensor, learn_rounding: bool = True, learn_scale: bool = False
-    ) -> None:
+    def __init__(self, quantizer: WeightQuantizer, weight: torch.Tensor) -> None:
         super().__init__()
         self.quantizer = [quantizer]  # a list, so it is not registered as a submodule
         self.weight = [weight]  # the float weight, never changed: the levels are relative to its nearest ones
@@ -91,20 +83,16 @@ class LearnedRounding(nn.Module):
             start.clamp_(0, levels)
             base = torch.floor(start).clamp_(0, levels - 1)
             self.register_buffer("base", base)
-            self.v = nn.Parameter(inverse_rectified_sigmoid(start - base), requires_grad=learn_rounding)
-        self.log_ratio = nn.Parameter(quantizer.scale.new_zeros(quantizer.scale.shape), requires_grad=learn_scale)
+            self.v = nn.Parameter(inverse_rectified_sigmoid(start - base))
 
     @property
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
-    def scale(self) -> torch.Tensor:
-        return self.quantizer[0].scale * self.log_ratio.exp()
-
     def forward(self, weight: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
         quantizer, h = self.quantizer[0], self.h
         up = (self.v >= 0).to(h.dtype) + (h - h.detach())  # [h ≥ ½] forward, dh/dV backward
-        return (self.base + up - quantizer.zero_point) * self.scale()
+        return (self.base + up - quantizer.zero_point) * quantizer.scale
 
     def codes(self) -> torch.Tensor:
         """The level each weight takes: ``base + 1`` where ``h ≥ ½``, i.e. ``V ≥ 0``."""
@@ -112,12 +100,10 @@ class LearnedRounding(nn.Module):
 
     @torch.no_grad()
     def write_back(self) -> int:
-        """Write the scale, then the levels as offsets from the nearest ones on it; returns how many weights
-        changed level."""
+        """Write the levels into the quantizer's rounding offsets; returns how many weights changed level."""
         quantizer, weight = self.quantizer[0], self.weight[0].detach()
-        before, codes = quantizer.codes(weight), self.codes()
-        quantizer.scale.copy_(self.scale())
-        offset = codes - quantize_uniform(weight, quantizer.scale, quantizer.zero_point, quantizer.bits)
+        before = quantizer.codes(weight)
+        offset = self.codes() - quantize_uniform(weight, quantizer.scale, quantizer.zero_point, quantizer.bits)
         most = torch.iinfo(quantizer.rounding_offset.dtype).max
         if offset.abs().max() > most:
             raise ValueError(
@@ -182,7 +168,6 @@ class Trainable:
     rounding: list[LearnedRounding]
     scales: list[nn.Parameter]
     floats: list[nn.Parameter]
-    weight_scales: list[nn.Parameter]
     changed_levels: int = 0  # set on exit: quantized weights whose level differs from their old one
 
     @property
@@ -194,7 +179,6 @@ class Trainable:
         return {
             "rounding": sum(rounding.v.numel() for rounding in self.rounding),
             "scales": sum(p.numel() for p in self.scales),
-            "weight_scales": sum(p.numel() for p in self.weight_scales),
             "floats": sum(p.numel() for p in self.floats),
         }
 
@@ -241,11 +225,9 @@ def learnable(model: nn.Module, learn: tuple[str, ...], drop: float = 0.0) -> It
     for owner, attribute, quantizer in slots:
         layer = weights.get(id(quantizer))
         if layer is not None:
-            if "rounding" not in learn and "weight_scales" not in learn:
+            if "rounding" not in learn:
                 continue  # a frozen weight grid needs no gradient of its own; the input's passes through it
-            stand_in: nn.Module = LearnedRounding(
-                quantizer, layer.weight, learn_rounding="rounding" in learn, learn_scale="weight_scales" in learn
-            )
+            stand_in: nn.Module = LearnedRounding(quantizer, layer.weight)
         else:
             stand_in = LearnedScaleQuantizer(quantizer, learn="scales" in learn, drop=drop)
         stand_ins.append((owner, attribute, quantizer, stand_in))
@@ -257,14 +239,12 @@ def learnable(model: nn.Module, learn: tuple[str, ...], drop: float = 0.0) -> It
         p.requires_grad_(True)
     for owner, attribute, _, stand_in in stand_ins:
         setattr(owner, attribute, stand_in)
-    weight_stand_ins = [s for *_, s in stand_ins if isinstance(s, LearnedRounding)]
     trainable = Trainable(
-        rounding=[s for s in weight_stand_ins if s.v.requires_grad],
+        rounding=[s for *_, s in stand_ins if isinstance(s, LearnedRounding)],
         scales=[
             s.log_ratio for *_, s in stand_ins if isinstance(s, LearnedScaleQuantizer) and s.log_ratio.requires_grad
         ],
         floats=floats,
-        weight_scales=[s.log_ratio for s in weight_stand_ins if s.log_ratio.requires_grad],
     )
     try:
         yield trainable

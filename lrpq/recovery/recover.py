@@ -105,7 +105,6 @@ def _optimisers(trainable: Trainable, loss: nn.Module, config: RecoveryConfig) -
     floats = [*trainable.floats, *loss.parameters()]
     groups = [
         {"params": trainable.scales, "lr": config.lr_scales},
-        {"params": trainable.weight_scales, "lr": config.lr_weight_scales},
         *({"params": [p], "lr": relative_rate(p, config.lr_floats)} for p in floats),
     ]
     groups = [group for group in groups if group["params"]]

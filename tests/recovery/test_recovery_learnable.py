@@ -8,7 +8,7 @@ from recovery_helpers import grids, student_and_teacher
 
 from lrpq.api import weighted_layers
 from lrpq.quantizers import UniformQuantizer
-from lrpq.recovery import DEFAULT_LEARN, LEARNABLE, learnable
+from lrpq.recovery import LEARNABLE, learnable
 from lrpq.recovery.learnable import LearnedRounding, LearnedScaleQuantizer
 
 
@@ -39,7 +39,7 @@ def test_the_stand_ins_compute_the_quantized_model_bit_for_bit(family: str) -> N
     assert torch.equal(trained_on, quantized)
 
 
-def test_gradients_reach_rounding_scales_weight_scales_and_floats_only() -> None:
+def test_gradients_reach_rounding_scales_and_floats_only() -> None:
     student, _, images = student_and_teacher()
     with learnable(student, LEARNABLE) as trainable:
         student(images).square().sum().backward()
@@ -48,24 +48,17 @@ def test_gradients_reach_rounding_scales_weight_scales_and_floats_only() -> None
         assert len(reached) >= len(trainable.scales) - 1  # all but the head's input, only reached via the logits
         assert all(p.grad.abs() > 0 for p in reached)
         assert all(p.grad is not None for p in trainable.floats)
-        assert trainable.weight_scales and all(
-            p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.weight_scales
-        )
-        learned = {
-            id(p)
-            for p in [*trainable.floats, *trainable.scales, *trainable.rounding_parameters, *trainable.weight_scales]
-        }
+        learned = {id(p) for p in [*trainable.floats, *trainable.scales, *trainable.rounding_parameters]}
         assert all(p.grad is None for p in student.parameters() if id(p) not in learned)
         counts = trainable.counts()
     assert counts["rounding"] == sum(layer.weight.numel() for layer in weighted_layers(student).values())
-    assert counts["weight_scales"] == sum(layer.weight.shape[0] for layer in weighted_layers(student).values())
     assert all(p.requires_grad for p in student.parameters())  # restored to what they were
 
 
 def test_only_the_chosen_groups_are_learned() -> None:
     student, _, _ = student_and_teacher()
     with learnable(student, ("norms",)) as trainable:
-        assert not trainable.rounding and not trainable.scales and not trainable.weight_scales
+        assert not trainable.rounding and not trainable.scales
         assert trainable.floats and all(p.dim() == 1 for p in trainable.floats)
     with pytest.raises(ValueError, match="cannot learn"), learnable(student, ("weights",)):
         pass
@@ -92,36 +85,11 @@ def test_the_levels_trained_on_are_the_levels_kept_exactly() -> None:
         assert codes.min() >= 0 and codes.max() <= 2**quantizer.bits - 1
 
 
-def test_learned_weight_scales_are_kept_with_the_levels_trained_on() -> None:
-    """After any step, the written-back scale and offsets dequantize to the stand-in's weights exactly."""
-    student, _, images = student_and_teacher(bits=3)
-    layers = weighted_layers(student)
-    codes_before = {name: layer.weight_quantizer.codes(layer.weight) for name, layer in layers.items()}
-    trained_weights, trained_scales = {}, {}
-    generator = torch.Generator().manual_seed(0)
-    with learnable(student, ("weight_scales",)) as trainable, torch.no_grad():
-        assert not trainable.rounding
-        for name, layer in layers.items():
-            stand_in = layer.weight_quantizer
-            stand_in.log_ratio.uniform_(-0.2, 0.2, generator=generator)
-            trained_weights[name] = stand_in(layer.weight).clone()
-            trained_scales[name] = stand_in.scale().clone()
-    assert trainable.changed_levels == 0  # the levels were held; a 20 % scale change moves many nearest levels
-    for name, layer in layers.items():
-        quantizer = layer.weight_quantizer
-        assert torch.equal(quantizer.scale, trained_scales[name]), name
-        assert torch.equal(quantizer.codes(layer.weight), codes_before[name]), name
-        assert torch.equal(quantizer(layer.weight), trained_weights[name]), name
-        assert quantizer.rounding_offset.abs().sum() > 0  # re-expressed against the new scale
-    with torch.inference_mode():
-        assert torch.isfinite(student(images)).all()
-
-
 def test_grids_keep_their_widths_and_integer_zero_points() -> None:
     student, _, images = student_and_teacher()
     before = grids(student)
     weight_scales = {name: layer.weight_quantizer.scale.clone() for name, layer in weighted_layers(student).items()}
-    with learnable(student, DEFAULT_LEARN) as trainable, torch.no_grad():
+    with learnable(student, LEARNABLE) as trainable, torch.no_grad():
         for p in trainable.scales:
             p.fill_(0.3)
     after = grids(student)
@@ -141,7 +109,7 @@ def test_an_error_inside_puts_the_quantizers_back_unchanged() -> None:
     state = {key: value.clone() for key, value in student.state_dict().items()}
     with pytest.raises(RuntimeError, match="boom"), learnable(student, LEARNABLE) as trainable:
         with torch.no_grad():
-            for p in trainable.scales + trainable.rounding_parameters + trainable.weight_scales:
+            for p in trainable.scales + trainable.rounding_parameters:
                 p.add_(1.0)
         raise RuntimeError("boom")
     for key, value in student.state_dict().items():
