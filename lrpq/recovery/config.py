@@ -39,7 +39,6 @@ class RecoveryConfig:
     learn: tuple[str, ...] = LEARNABLE
     drop: float = 0.0  # QDrop: probability that an activation element stays float in a training step
     augment: bool = True
-    cutmix: float = 0.0  # probability that a view gets a box of another view pasted in (``augment``)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,8 +54,6 @@ class RecoveryConfig:
                 raise RecoveryError(f"recovery {name}={value!r} must be a non-negative number")
         if not (isinstance(self.drop, int | float) and 0 <= self.drop < 1):
             raise RecoveryError(f"recovery drop={self.drop!r} must be a probability in [0, 1)")
-        if not (isinstance(self.cutmix, int | float) and 0 <= self.cutmix <= 1):
-            raise RecoveryError(f"recovery cutmix={self.cutmix!r} must be a probability in [0, 1]")
         unknown = [item for item in self.learn if item not in LEARNABLE]
         if unknown or not self.learn or len(set(self.learn)) != len(self.learn):
             asked = ", ".join(self.learn) or "nothing"

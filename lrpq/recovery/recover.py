@@ -154,7 +154,7 @@ def recover(
             schedules = [torch.optim.lr_scheduler.LambdaLR(optimiser, factor) for optimiser in optimisers]
             for step in tqdm(range(config.steps), desc="recovery", disable=not progress, leave=False):
                 index = next(batches)
-                views = augment(images[index], generator, config.cutmix) if config.augment else images[index]
+                views = augment(images[index], generator) if config.augment else images[index]
                 with torch.no_grad():
                     target = extract_features(teacher, views, index=index, attention=False)
                 value = objective(extract_features(student, views, index=index, attention=False), target)
