@@ -4,7 +4,8 @@ BRECQ/QDrop-style: each ViT block in turn learns the same things as end-to-end r
 (``lrpq.recovery.learnable``) from the squared error of its output against the float block's, on a fixed
 pool of augmented calibration views; its input mixes element by element the float and the quantized
 (already recovered) upstream activations (QDrop, drop probability ``--drop``). Prints the dev top-1
-beside the unrecovered one; compare with the ``mse`` row of ``scripts/recovery_table.py``.
+beside the unrecovered one; compare with the ``mse`` (or, with ``--loss nmse``, ``nmse``) row of
+``scripts/recovery_table.py``.
 
     python scripts/recovery_blockwise.py --model ref-A --bits 3 --draw 0 --steps 100 --learn norms biases
 """
@@ -45,6 +46,14 @@ def block_inputs_and_outputs(model: nn.Module, images: torch.Tensor) -> tuple[li
     return [torch.cat(x) for x in inputs], [torch.cat(x) for x in outputs]
 
 
+def block_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """``mse``, or ``nmse``: each channel's squared error over the teacher's power of it (as ``lrpq.distill``'s)."""
+    if kind == "mse":
+        return F.mse_loss(output, target)
+    power = target.square().mean(dim=(0, 1))
+    return ((output - target).square() / power.clamp(min=1e-6 * power.mean().item())).mean()
+
+
 def trainable(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in block.named_parameters() if p.requires_grad]
 
@@ -69,6 +78,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="views per calibration image (the first unaugmented)")
     parser.add_argument("--drop", type=float, default=0.5, help="QDrop: share of inputs taken from the float model")
     parser.add_argument("--learn", nargs="+", choices=LEARNABLE, default=list(RecoveryConfig.learn))
+    parser.add_argument("--loss", choices=("mse", "nmse"), default="mse", help="each block's objective")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "recovery-table")
     args = parser.parse_args()
@@ -90,9 +100,8 @@ def main() -> None:
             for _ in range(args.steps):
                 index = torch.randint(len(images), (config.batch_size,), generator=generator)
                 mixed = torch.rand(quantized_input[index].shape, generator=generator) < args.drop
-                loss = F.mse_loss(
-                    block(torch.where(mixed, float_input[index], quantized_input[index])), float_output[index]
-                )
+                output = block(torch.where(mixed, float_input[index], quantized_input[index]))
+                loss = block_loss(output, float_output[index], args.loss)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -20,6 +20,8 @@ from whatever is stored and measures nothing:
     python scripts/recovery_table.py --models ref-A --bits 3 --plans fixed --draws 0 --losses mse \
         --variant "mse, rounding only" '{"learn": ["rounding"], "lr_rounding": 0.001}'
     python scripts/recovery_table.py --models ref-B --bits 4 --plans mixed --draws 0 1 2 --stored-only
+    python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 --stored-only \
+        --learn rounding scales norms biases   # rows stored as "<row>, learning rounding"
 
 A cell gives the top-1 per draw and its mean; the gaps to the unrecovered model and to float are
 averaged over the draws both rows have, with a paired 95 % interval over images (each image's
@@ -46,7 +48,7 @@ from lrpq.distill import LOSSES
 from lrpq.evaluate import EvalResult, evaluate
 from lrpq.models import build_model
 from lrpq.outputs import replace_text
-from lrpq.recovery import RecoveryConfig, recover
+from lrpq.recovery import DEFAULT_LEARN, LEARNABLE, RecoveryConfig, recover
 from lrpq.runs import is_run_dir, load_run, save_run
 
 START, END = "<!-- recovery-table:start -->", "<!-- recovery-table:end -->"
@@ -160,6 +162,17 @@ def stored_float_row(ref: ReferenceModel, out: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def stored_name(row: str, fields: dict[str, Any]) -> str:
+    """The name a row is stored and shown under: with what it learned when that is not the library's default
+    (rows measured when the default also learned the rounding are ``…, learning rounding``)."""
+    learn = RecoveryConfig(**fields).learn
+    if learn == DEFAULT_LEARN:
+        return row
+    if set(learn) == {"rounding", *DEFAULT_LEARN}:
+        return f"{row}, learning rounding"
+    return f"{row}, learning {'+'.join(learn)}"
+
+
 def _steps(steps: int | None) -> dict[str, int]:
     return {} if steps is None else {"steps": steps}
 
@@ -233,6 +246,12 @@ def main() -> None:
         metavar=("NAME", "JSON"),
         help='a row of other RecoveryConfig fields, e.g. rounding \'{"learn": ["rounding"], "lr_rounding": 0.001}\'',
     )
+    parser.add_argument(
+        "--learn",
+        nargs="+",
+        choices=LEARNABLE,
+        help=f"what every row learns unless its variant says (default {' '.join(DEFAULT_LEARN)})",
+    )
     parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     parser.add_argument("--steps", type=int, help=f"recovery steps (default {RecoveryConfig.steps})")
     parser.add_argument("--limit", type=int, help="an evenly spaced subset of each dev folder")
@@ -245,8 +264,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = {spec: {"loss": spec} for spec in [*args.losses, *args.combos]}
     rows |= {name: json.loads(fields) for name, fields in args.variant}
-    for fields in rows.values():
-        RecoveryConfig(**fields)  # a bad row fails before any work
+    learn = {} if args.learn is None else {"learn": args.learn}
+    rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in rows.items()}
     sections = []
     for name in args.models:
         ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit)

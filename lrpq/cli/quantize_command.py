@@ -45,7 +45,7 @@ from lrpq.errors import LrpqError
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.prune.cost import model_cost
 from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
-from lrpq.recovery import RecoveryConfig, RecoveryReport, recover
+from lrpq.recovery import LEARNABLE, RecoveryConfig, RecoveryReport, recover
 from lrpq.relevance import LayerScores
 from lrpq.runs import staged_run_dir, write_run
 
@@ -89,10 +89,13 @@ def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
             raise LrpqError("--recover-steps sets how long --recover trains: pass it with --recover")
         if args.recover_drop is not None:
             raise LrpqError("--recover-drop sets QDrop while --recover trains: pass it with --recover")
+        if args.recover_learn is not None:
+            raise LrpqError("--recover-learn sets what --recover trains: pass it with --recover")
         return None
     steps = {} if args.recover_steps is None else {"steps": args.recover_steps}
     drop = {} if args.recover_drop is None else {"drop": args.recover_drop}
-    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps, **drop)
+    learn = {} if args.recover_learn is None else {"learn": tuple(args.recover_learn)}
+    return RecoveryConfig(loss=args.recover, seed=args.seed, **steps, **drop, **learn)
 
 
 def _recovery_summary(report: RecoveryReport | None, config: RecoveryConfig | None) -> dict[str, object]:
@@ -348,8 +351,8 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
         nargs="?",
         const=DEFAULT_RECOVERY_LOSS,
         metavar="LOSS[+LOSS…]",
-        help="after calibration, train rounding, activation scales, LayerNorm and biases against the float model "
-        f"on the calibration images with this distillation loss (e.g. kd:0.5+mse; default {DEFAULT_RECOVERY_LOSS})",
+        help="after calibration, train activation scales, LayerNorm and biases against the float model on the "
+        f"calibration images with this distillation loss (e.g. kd:0.5+mse; default {DEFAULT_RECOVERY_LOSS})",
     )
     q.add_argument(
         "--recover-steps",
@@ -362,6 +365,14 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
         metavar="P",
         help="QDrop while --recover trains: each activation value stays float with probability P, in [0, 1) "
         f"(default {RecoveryConfig.drop}; 0.5 helps at 3 bits, docs/recovery.md)",
+    )
+    q.add_argument(
+        "--recover-learn",
+        nargs="+",
+        choices=LEARNABLE,
+        metavar="PART",
+        help=f"what --recover trains, some of {', '.join(LEARNABLE)} (default {' '.join(RecoveryConfig.learn)}; "
+        "rounding moves weights between levels and costs about a quarter more time)",
     )
     q.add_argument("--out", help="run directory to write (default runs/<model>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

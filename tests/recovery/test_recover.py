@@ -12,7 +12,7 @@ from lrpq.api import quantizers
 from lrpq.config import QuantConfig
 from lrpq.distill import LOSSES, FeatureShapes, build_loss, extract_features
 from lrpq.quantizers import UniformQuantizer
-from lrpq.recovery import RecoveryConfig, RecoveryError, recover
+from lrpq.recovery import LEARNABLE, RecoveryConfig, RecoveryError, recover
 from lrpq.runs import effective_plan
 
 FAST = {"batch_size": 4, "augment": False}
@@ -78,6 +78,16 @@ def test_every_loss_drives_a_recovery(name: str) -> None:
     report = recover(student, teacher, images, RecoveryConfig(loss=name, steps=2, **FAST), progress=False)
     assert report.loss == name and all(map(torch.isfinite, map(torch.tensor, report.curve)))
     assert any(not torch.equal(value, original[key]) for key, value in student.state_dict().items())
+
+
+def test_rounding_that_moves_no_level_leaves_the_default_recovery_unchanged() -> None:
+    """The default does not learn the rounding because, where no weight changes level, learning it gives the
+    very same model at a quarter more time: its stand-in computes the cached quantized weights exactly and
+    touches no other variable, random draw or rate."""
+    assert "rounding" not in RecoveryConfig().learn
+    default = _recovered_state(steps=4)
+    assert _same(default, _recovered_state(steps=4, learn=LEARNABLE, lr_rounding=0.0))
+    assert not _same(default, _recovered_state(steps=4, learn=LEARNABLE, lr_rounding=0.1))
 
 
 def test_recovery_refuses_a_single_image() -> None:

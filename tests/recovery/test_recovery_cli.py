@@ -69,6 +69,9 @@ def test_a_named_combination_and_a_plain_run(
             "2",
             "--recover-drop",
             "0.5",
+            "--recover-learn",
+            "scales",
+            "rounding",  # any order: stored in LEARNABLE's
             "--out",
             tmp_path / "a",
         ),
@@ -77,7 +80,9 @@ def test_a_named_combination_and_a_plain_run(
     assert status == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert (summary["recovery_loss"], summary["recovery_drop"]) == ("KD:0.5+mse", 0.5)
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["recovery"]["drop"] == 0.5
+    assert summary["recovery_learned"] == "rounding,scales"
+    recovery = json.loads((tmp_path / "a" / "config.json").read_text())["recovery"]
+    assert (recovery["drop"], recovery["learn"]) == (0.5, ["rounding", "scales"])
     status, _, _ = run_cli(quantize_args(workspace, "--out", tmp_path / "b"), capsys)
     assert status == 0
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["recovered"] is False
@@ -93,6 +98,9 @@ def test_a_named_combination_and_a_plain_run(
         (["--recover-steps", "5"], ("--recover-steps", "--recover")),
         (["--recover-drop", "0.5"], ("--recover-drop", "--recover")),
         (["--recover", "--recover-drop", "1"], ("drop=1.0", "probability in [0, 1)")),
+        (["--recover-learn", "scales"], ("--recover-learn", "--recover")),
+        (["--recover", "--recover-learn", "weights"], ("--recover-learn", "'weights'", "'rounding', 'scales'")),
+        (["--recover", "--recover-learn", "norms", "norms"], ("each once", "norms, norms")),
     ],
 )
 def test_bad_recovery_requests_are_one_line_before_any_work(

@@ -14,7 +14,7 @@ from lrpq.config import QuantConfig
 from lrpq.export import PACKED_FILE, load_packed_state
 from lrpq.models import ModelSpec, build_model
 from lrpq.quantizers import QuantMode
-from lrpq.recovery import RecoveryConfig, recover
+from lrpq.recovery import LEARNABLE, RecoveryConfig, recover
 from lrpq.runs import load_run, save_run
 
 
@@ -32,7 +32,8 @@ def test_recovered_run_reloads_bit_exactly_from_both_files(tmp_path: Path, famil
     images = tiny_input(family, batch=8, seed=3)
     model = quantize(build_model(spec), config, images, progress=False)
     torch.manual_seed(0)
-    recovery = RecoveryConfig(steps=6, batch_size=4, lr_rounding=0.1)  # large enough to move some levels
+    # Rounding learned at a rate large enough to move some levels.
+    recovery = RecoveryConfig(steps=6, batch_size=4, lr_rounding=0.1, learn=LEARNABLE)
     report = recover(model, build_model(spec), images, recovery, progress=False)
     assert report.changed_levels > 0  # the rounding moved: the offsets now differ from GPTQ's
     sections = {"recovery": recovery.to_json_dict()}
