@@ -262,10 +262,11 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "recovery.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {spec: {"loss": spec} for spec in [*args.losses, *args.combos]}
-    rows |= {name: json.loads(fields) for name, fields in args.variant}
+    named = [(spec, {"loss": spec}) for spec in [*args.losses, *args.combos]]
+    named += [(name, json.loads(fields)) for name, fields in args.variant]
     learn = {} if args.learn is None else {"learn": args.learn}
-    rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in rows.items()}
+    # Stored names first: a variant "nmse" learning the rounding is another row than the loss "nmse".
+    rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in named}
     sections = []
     for name in args.models:
         ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit)
