@@ -23,6 +23,7 @@ from measure import REFERENCES, REPO
 from recovery_table import ReferenceModel
 from torch import nn
 
+from lrpq.distill.token_losses import channel_normalised_mse
 from lrpq.evaluate import evaluate
 from lrpq.models import build_model
 from lrpq.recovery import LEARNABLE, RecoveryConfig, learnable
@@ -46,12 +47,7 @@ def block_inputs_and_outputs(model: nn.Module, images: torch.Tensor) -> tuple[li
     return [torch.cat(x) for x in inputs], [torch.cat(x) for x in outputs]
 
 
-def block_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """``mse``, or ``nmse``: each channel's squared error over the teacher's power of it (as ``lrpq.distill``'s)."""
-    if kind == "mse":
-        return F.mse_loss(output, target)
-    power = target.square().mean(dim=(0, 1))
-    return ((output - target).square() / power.clamp(min=1e-6 * power.mean().item())).mean()
+BLOCK_LOSSES = {"mse": F.mse_loss, "nmse": channel_normalised_mse}  # each block's objective, by --loss
 
 
 def trainable(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -78,7 +74,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="views per calibration image (the first unaugmented)")
     parser.add_argument("--drop", type=float, default=0.5, help="QDrop: share of inputs taken from the float model")
     parser.add_argument("--learn", nargs="+", choices=LEARNABLE, default=list(RecoveryConfig.learn))
-    parser.add_argument("--loss", choices=("mse", "nmse"), default="mse", help="each block's objective")
+    parser.add_argument("--loss", choices=sorted(BLOCK_LOSSES), default="mse", help="each block's objective")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "recovery-table")
     args = parser.parse_args()
@@ -101,7 +97,7 @@ def main() -> None:
                 index = torch.randint(len(images), (config.batch_size,), generator=generator)
                 mixed = torch.rand(quantized_input[index].shape, generator=generator) < args.drop
                 output = block(torch.where(mixed, float_input[index], quantized_input[index]))
-                loss = block_loss(output, float_output[index], args.loss)
+                loss = BLOCK_LOSSES[args.loss](output, float_output[index])
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -54,12 +54,14 @@ class ChannelNormalisedMSE(BlockMSE):
 
     def forward(self, student: DistillFeatures, teacher: DistillFeatures) -> torch.Tensor:
         pairs = self.block_pairs(student, teacher)
-        total = pairs[0][0].new_zeros(())
-        for output, target in pairs:
-            power = target.square().mean(dim=(0, 1))
-            power = power.clamp(min=1e-6 * power.mean().item())
-            total = total + ((output - target).square() / power).mean()
-        return total / len(pairs)
+        return sum(channel_normalised_mse(output, target) for output, target in pairs) / len(pairs)
+
+
+def channel_normalised_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One block's term of ``ChannelNormalisedMSE``: mean_{b,n,d} (s − t)² / P_d on (B, N, D) tokens."""
+    power = target.square().mean(dim=(0, 1))
+    power = power.clamp(min=1e-6 * power.mean().item())
+    return ((output - target).square() / power).mean()
 
 
 class FitNetLoss(nn.Module):
