@@ -13,6 +13,7 @@ and timm; it is started as soon as collection ends so that start-up overlaps the
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -155,6 +156,24 @@ _QUANTIZED: dict[tuple[str, str, int, str], nn.Module] = {}
 _QUANTIZED_KEPT = 4
 
 
+@functools.lru_cache(maxsize=2)  # consecutive tests share one (model, images); the model is only copied
+def _float_reference(
+    shared_dir: Path, model: str, data: str, calib_images: int, every: int
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float model, its seed-0 calibration draw, every n-th dev image and the float logits on them."""
+    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
+    from lrpq.models import build_model, resolve_model
+
+    spec = resolve_model(str(shared_dir / "models" / f"{model}.json"))
+    float_model = build_model(spec)
+    calib_paths = draw_calibration_set(shared_dir / "data" / data / "calib", calib_images, 0)
+    calib = load_calibration_images(calib_paths, spec.data_config)
+    dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
+    x = load_calibration_images(dev, spec.data_config)
+    with torch.no_grad():
+        return float_model, calib, x, float_model(x)
+
+
 def reference_snrs(
     shared_dir: Path,
     model: str,
@@ -168,18 +187,9 @@ def reference_snrs(
 
     ``points``: only the quantizers whose names end with one of these stay on (the others are OFF).
     """
-    from lrpq.data import draw_calibration_set, list_images, load_calibration_images
-    from lrpq.models import build_model, resolve_model
-
-    spec = resolve_model(str(shared_dir / "models" / f"{model}.json"))
-    float_model = build_model(spec)
-    calib_paths = draw_calibration_set(shared_dir / "data" / data / "calib", calib_images, 0)
-    calib = load_calibration_images(calib_paths, spec.data_config)
-    dev = [path for path, _ in list_images(shared_dir / "data" / data / "dev")][::every]
-    x = load_calibration_images(dev, spec.data_config)
+    float_model, calib, x, reference = _float_reference(shared_dir, model, data, calib_images, every)
     snrs = {}
     with torch.no_grad():
-        reference = float_model(x)
         for key, config in configs.items():
             cache_key = (model, data, calib_images, json.dumps(config.to_json_dict(), sort_keys=True))
             quantized = _QUANTIZED.pop(cache_key, None)
