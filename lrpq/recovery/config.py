@@ -34,7 +34,7 @@ class RecoveryConfig:
     """
 
     loss: str = DEFAULT_LOSS
-    steps: int = 50  # ref-B (ViT-S/14, 32 images): about 3.5 minutes on 2 CPU cores
+    steps: int = 50  # ref-B (ViT-S/14, 32 images): 7-8 minutes on 2 CPU cores without AVX-512
     batch_size: int = 8
     lr_rounding: float = 1e-3
     lr_scales: float = 1e-4
