@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -160,14 +161,19 @@ def test_category_ids_match_names_with_spaces_or_underscores() -> None:
         adapter.category_ids(gt, ["person", "unicorn"])
 
 
-def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """``scripts/coco_eval.py``'s status and stderr, run in-process (a subprocess spends ~7 s importing torch)."""
+@functools.cache
+def _coco_eval_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("coco_eval", REPO / "scripts" / "coco_eval.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``scripts/coco_eval.py``'s status and stderr, run in-process (a subprocess spends ~7 s importing torch)."""
     capsys.readouterr()
     try:
-        status = script.main(list(args))
+        status = _coco_eval_script().main(list(args))
     except SystemExit as exit_:  # usage errors leave through argparse
         status = exit_.code
     return status, capsys.readouterr().err
