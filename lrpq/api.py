@@ -310,7 +310,10 @@ def quantize(
     rounded = {name: layer for name, layer in weighted.items() if isinstance(layer, QuantLinear)} if config.gptq else {}
     batches = len(_batches(calib, batch_size))
     roundings = {
-        name: StreamingRounding(name, layer.weight, layer.weight_quantizer, batches) for name, layer in rounded.items()
+        name: StreamingRounding(
+            name, layer.weight, layer.weight_quantizer, batches, choose_range=config.weight_range_metric == "inputs"
+        )
+        for name, layer in rounded.items()
     }
     gptq_inputs = {name: rounded[name].input_quantizer for name in roundings}  # what F.linear reads
     points = [point for point in activation_quantizers(model) if point not in fixed_grids]

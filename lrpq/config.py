@@ -20,6 +20,7 @@ MIN_PRIMITIVE_BITS = 2
 MAX_PRIMITIVE_BITS = 8
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999, 1.0)
 RANGE_METRICS = ("mse", "output")
+WEIGHT_RANGE_METRICS = ("mse", "inputs")
 FOLDED_GRIDS = ("target", "refit")
 
 
@@ -126,6 +127,11 @@ class QuantConfig:
     squared error of the tensor (RepQ-ViT); ``"output"``, each element's squared error weighted by the
     squared gradient of a random projection of the logits, i.e. the first-order error at the output
     (``lrpq.output_weighted_ranges``; opt-in, it adds a backward pass to calibration).
+    ``weight_range_metric`` is how a Linear weight's per-row range is chosen: ``"mse"``, percentile
+    candidates compared by the weight's own squared error (RepQ-ViT; on a row of a few hundred values
+    that is its min-max range); ``"inputs"``, the min-max range shrunk by the candidate of least output
+    error ``e·XᵀX·eᵀ`` on the calibration inputs, chosen by GPTQ before it rounds (``lrpq.gptq``;
+    opt-in, needs ``gptq``: at 3 bits it clips the range of most rows, docs/findings.md).
     ``per_channel_weights`` and ``log_softmax`` exist so the naive baseline is the same code path.
     """
 
@@ -144,6 +150,7 @@ class QuantConfig:
     conv_abits: int | None = 8
     calibrate_on_quantized: bool = False
     range_metric: str = "mse"
+    weight_range_metric: str = "mse"
     per_channel_weights: bool = True
     log_softmax: bool = True
     bit_plan: BitPlan = field(default_factory=BitPlan)
@@ -180,6 +187,13 @@ class QuantConfig:
             raise ConfigError(f"folded_grid={self.folded_grid!r} is unknown; use one of: {', '.join(FOLDED_GRIDS)}")
         if self.range_metric not in RANGE_METRICS:
             raise ConfigError(f"range_metric={self.range_metric!r} is unknown; use one of: {', '.join(RANGE_METRICS)}")
+        if self.weight_range_metric not in WEIGHT_RANGE_METRICS:
+            raise ConfigError(
+                f"weight_range_metric={self.weight_range_metric!r} is unknown; "
+                f"use one of: {', '.join(WEIGHT_RANGE_METRICS)}"
+            )
+        if self.weight_range_metric == "inputs" and not self.gptq:
+            raise ConfigError("weight_range_metric='inputs' is chosen by GPTQ's input statistics; it needs gptq=True")
         if self.range_metric == "output" and self.calibrate_on_quantized:
             raise ConfigError(
                 "range_metric='output' observes float activations in a backward pass; "

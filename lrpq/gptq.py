@@ -20,6 +20,7 @@ tensor operations: the rounding itself is float32 arithmetic in the weight quant
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -27,6 +28,7 @@ from typing import Protocol
 import torch
 
 from lrpq.errors import LrpqError
+from lrpq.primitives import fake_quant_uniform, uniform_qparams
 
 # Diagonal damping as a fraction of the mean input power, GPTQ's default: it keeps H invertible for
 # dead or collinear channels without changing the solution where H is well conditioned.
@@ -34,6 +36,9 @@ DAMPING = 0.01
 # Columns rounded one by one before their accumulated error reaches the later columns in one
 # product: small enough that the one-by-one updates stay cheap, large enough for that product.
 BLOCK_COLUMNS = 32
+# Shrinks of a row's min-max range that ``input_weighted_range`` compares: 1, 0.975, … 0.5. At 3 bits
+# the least-error grids of ref-B's rows sit well inside their extremes (docs/findings.md).
+RANGE_SHRINKS = tuple(1.0 - i / 40 for i in range(21))
 
 
 class SecondMoment:
@@ -59,6 +64,8 @@ class WeightGrid(Protocol):
 
     def rounding_offsets(self, weight: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor: ...
 
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None: ...
+
 
 class StreamingRounding:
     """GPTQ of one layer within the calibration pass: ``XᵀX`` of its inputs, rounded once the last batch passed.
@@ -70,10 +77,15 @@ class StreamingRounding:
     caller applies ``finish()``'s offsets after the pass, so every later layer is calibrated exactly as
     if all were rounded at the end. The layer must run once per batch, as every Linear of the
     supported models does; a second call is refused rather than left out of a rounding already done.
+    With ``choose_range`` the grid itself is chosen there too (``input_weighted_range``), from the same
+    ``XᵀX``, and set on ``grid`` before the rounding.
     """
 
-    def __init__(self, name: str, weight: torch.Tensor, grid: WeightGrid, batches: int) -> None:
+    def __init__(
+        self, name: str, weight: torch.Tensor, grid: WeightGrid, batches: int, choose_range: bool = False
+    ) -> None:
         self.name, self.weight, self.grid, self.batches = name, weight, grid, batches
+        self.choose_range = choose_range
         self.moment: SecondMoment | None = None  # allocated on the first input, on its device
         self.offsets: torch.Tensor | None = None
         self.calls = 0
@@ -95,6 +107,8 @@ class StreamingRounding:
         """The layer's GPTQ rounding offsets (rounding now if a batch never reached it); None if none did."""
         if self.offsets is None and self.moment is not None:
             grid = self.grid
+            if self.choose_range:
+                grid.set_qparams(*input_weighted_range(self.weight, self.moment.matrix, grid.bits))
             rounded = _round_consuming(self.weight, self._take_matrix(), grid.scale, grid.zero_point, grid.bits)
             self.offsets = grid.rounding_offsets(self.weight, rounded)
         return self.offsets
@@ -103,6 +117,32 @@ class StreamingRounding:
         """The summed ``XᵀX``, no longer held here: the rounding frees it once factorised."""
         matrix, self.moment = self.moment.matrix, None
         return matrix
+
+
+@torch.no_grad()
+def input_weighted_range(
+    weight: torch.Tensor, second_moment: torch.Tensor, bits: int, shrinks: tuple[float, ...] = RANGE_SHRINKS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row, the scale and zero point (shape (out, 1)) of the shrunk min-max range of least output error.
+
+    A weight's own squared error treats every column alike, but the layer's output error of a row's
+    rounding error ``e`` is ``e·XᵀX·eᵀ``: clipping a column whose inputs are small costs little, and
+    the finer grid it buys serves every column. Each shrink of ``[min, max]`` is scored by that error
+    under nearest rounding, the rounding GPTQ starts from; ties keep the wider range.
+    """
+    rows = weight.detach().float().reshape(len(weight), -1)
+    h = second_moment.to(torch.float32)
+    low, high = rows.min(1).values, rows.max(1).values
+    best_error = torch.full_like(low, math.inf)
+    best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
+    for shrink in shrinks:
+        scale, zero_point = uniform_qparams(low * shrink, high * shrink, bits)
+        error = fake_quant_uniform(rows, scale[:, None], zero_point[:, None], bits) - rows
+        output_error = (error @ h).mul_(error).sum(1)
+        better = output_error < best_error
+        best_error = torch.where(better, output_error, best_error)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero_point, best_zero)
+    return best_scale[:, None], best_zero[:, None]
 
 
 def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ quantized once and evaluated unrecovered; then a copy of it is recovered with ea
 Every (model, width, plan, row, draw) is stored as one JSON file in ``--out`` and skipped when it is
 there with the same setting, so the script resumes; quantized draws are kept as run directories in
 ``--cache`` so a resumed run does not calibrate again. ``--doc`` gets one table per (model, width,
-plan) between the markers below (the rest of the file is left as it is). Stored settings record the
+plan) between the markers below (the rest of the file is left as it is). ``--quant NAME JSON`` quantizes
+every draw with those ``QuantConfig`` fields instead, stored under NAME, and adds each row's paired gap
+to the same row quantized without them. Stored settings record the
 thread count, so a re-run at another ``--threads`` measures again; ``--stored-only`` writes the tables
 from whatever is stored and measures nothing:
 
@@ -20,6 +22,8 @@ from whatever is stored and measures nothing:
     python scripts/recovery_table.py --models ref-A --bits 3 --plans fixed --draws 0 --losses mse \
         --variant "mse, rounding only" '{"learn": ["rounding"], "lr_rounding": 0.001}'
     python scripts/recovery_table.py --models ref-B --bits 4 --plans mixed --draws 0 1 2 --stored-only
+    python scripts/recovery_table.py --models ref-B --bits 3 --plans mixed --draws 0 1 2 --losses nmse \
+        --quant "input-weighted weight ranges" '{"weight_range_metric": "inputs"}'   # and "− without" it
     python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 --stored-only \
         --learn rounding scales norms biases   # rows stored as "<row>, learning rounding"
 
@@ -92,17 +96,25 @@ class ReferenceModel(Measurer):
     """``Measurer``'s reference model (dev images decoded once, calibration draws) with its quantized draws
     kept as run directories."""
 
-    def __init__(self, name: str, ref: Reference, cache: Path, limit: int | None) -> None:
+    def __init__(
+        self, name: str, ref: Reference, cache: Path, limit: int | None, quant: tuple[str, dict[str, Any]] | None
+    ) -> None:
         super().__init__(ref, limit, torch.get_num_threads())
         self.name, self.cache = name, cache
+        self.quant_name, self.quant_fields = quant if quant is not None else (None, {})
+
+    def group(self, bits: int, plan: str) -> str:
+        """The stored name of a (width, plan): ``ref-B-w4a4-mixed``, with ``--quant``'s name after it."""
+        return f"{self.name}-w{bits}a{bits}-{plan}" + (f"-{_slug(self.quant_name)}" if self.quant_name else "")
 
     def quantized(self, bits: int, plan: str, draw: int) -> torch.nn.Module:
         """The draw's quantized model, calibrated once and then read back from ``--cache``."""
-        folder = self.cache / f"{self.name}-w{bits}a{bits}-{plan}@{draw}"
+        folder = self.cache / f"{self.group(bits, plan)}@{draw}"
         if is_run_dir(folder):
             return load_run(folder)[0]
         torch.manual_seed(draw)
-        model, calib, config = build_model(self.spec), self.calib(draw), QuantConfig(bits, bits)
+        model, calib = build_model(self.spec), self.calib(draw)
+        config = QuantConfig(bits, bits, **self.quant_fields)
         if plan == "mixed":
             plan_made = mixed_plan(model, config, calib, allocator=DEFAULT_ALLOCATOR, progress=False)
             config = config.with_plan(plan_made.plan)
@@ -121,8 +133,10 @@ def measure(
     out: Path,
 ) -> Measurements:
     """Fill every missing (row, draw) of one (model, width, plan) and return its measurements."""
-    group = Measurements(out, f"{ref.name}-w{bits}a{bits}-{plan}")
+    group = Measurements(out, ref.group(bits, plan))
     base = {"model": ref.name, "limit": ref.limit, "threads": torch.get_num_threads()}
+    if ref.quant_fields:  # a NAME reused with other fields is another measurement
+        base["quant"] = ref.quant_fields
     for draw in draws:
         quantized = None
         for row in [UNRECOVERED, *rows]:
@@ -177,11 +191,29 @@ def _steps(steps: int | None) -> dict[str, int]:
     return {} if steps is None else {"steps": steps}
 
 
-def table(group: Measurements, rows: dict[str, dict[str, Any]], draws: list[int], reference: dict) -> str:
-    """Markdown: per row the top-1 of every draw, the mean, the gaps to unrecovered and float, steps and time."""
-    stored = {path.stem: json.loads(path.read_text()) for path in sorted(group.folder.glob("*.json"))}
-    head = "| row | " + " | ".join(f"draw {d}" for d in draws) + " | mean | − unrecovered | − float | steps | s |"
-    lines = [head, "|---|" + "---:|" * (len(draws) + 5)]
+def _stored(group: Measurements) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(group.folder.glob("*.json"))}
+
+
+def table(
+    group: Measurements,
+    rows: dict[str, dict[str, Any]],
+    draws: list[int],
+    reference: dict,
+    plain: Measurements | None = None,
+) -> str:
+    """Markdown: per row the top-1 of every draw, the mean, the gaps to unrecovered and float, steps and time.
+
+    ``plain``: the same (model, width, plan) quantized without ``--quant``; each row then also gets its
+    paired gap to the same row there, over the draws both have.
+    """
+    stored = _stored(group)
+    plain_rows = _stored(plain) if plain is not None else None
+    versus = " − without |" if plain_rows is not None else ""
+    head = (
+        "| row | " + " | ".join(f"draw {d}" for d in draws) + f" | mean | − unrecovered |{versus} − float | steps | s |"
+    )
+    lines = [head, "|---|" + "---:|" * (len(draws) + 5 + bool(versus))]
     for row in [UNRECOVERED, *rows]:
         have = {d: stored[f"{_slug(row)}@{d}"] for d in draws if f"{_slug(row)}@{d}" in stored}
         if not have:
@@ -195,6 +227,10 @@ def table(group: Measurements, rows: dict[str, dict[str, Any]], draws: list[int]
             cells.append(_gap(np.array([correct[d] for d in base]), np.array(list(base.values()))))
         else:
             cells.append("")
+        if plain_rows is not None:
+            same = {d: plain_rows[f"{_slug(row)}@{d}"] for d in have if f"{_slug(row)}@{d}" in plain_rows}
+            paired = [(correct[d], unpack_correct(r)) for d, r in same.items()]
+            cells.append(_gap(*map(np.array, zip(*paired, strict=True))) if paired else "")
         cells.append(_gap(np.array(list(correct.values())), unpack_correct(reference)[None]))
         steps = {r.get("steps") for r in have.values()} - {None}
         cells.append(", ".join(map(str, sorted(steps))))
@@ -252,6 +288,13 @@ def main() -> None:
         choices=LEARNABLE,
         help=f"what every row learns unless its variant says (default {' '.join(DEFAULT_LEARN)})",
     )
+    parser.add_argument(
+        "--quant",
+        nargs=2,
+        metavar=("NAME", "JSON"),
+        help="QuantConfig fields of every quantized draw, stored and titled under NAME, e.g. "
+        '"input-weighted weight ranges" \'{"weight_range_metric": "inputs"}\'',
+    )
     parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     parser.add_argument("--steps", type=int, help=f"recovery steps (default {RecoveryConfig.steps})")
     parser.add_argument("--limit", type=int, help="an evenly spaced subset of each dev folder")
@@ -269,17 +312,20 @@ def main() -> None:
     rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in named}
     sections = []
     for name in args.models:
-        ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit)
+        quant = (args.quant[0], json.loads(args.quant[1])) if args.quant else None
+        ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit, quant)
         reference = stored_float_row(ref, args.out) if args.stored_only else float_row(ref, args.out)
         for bits in args.bits:
             for plan in args.plans:
                 if args.stored_only:
-                    group = Measurements(args.out, f"{name}-w{bits}a{bits}-{plan}")
+                    group = Measurements(args.out, ref.group(bits, plan))
                 else:
                     group = measure(ref, bits, plan, rows, args.draws, args.steps, args.out)
+                plain = Measurements(args.out, f"{name}-w{bits}a{bits}-{plan}") if ref.quant_name else None
                 dev = f"{ref.limit} dev images" if ref.limit else "all dev images"
-                title = f"### {REFERENCES[name].label}, W{bits}A{bits} {plan} ({dev}; float {reference['top1']:.2f})"
-                sections.append(f"{title}\n\n{table(group, rows, args.draws, reference)}")
+                setting = f"W{bits}A{bits} {plan}" + (f", {ref.quant_name}" if ref.quant_name else "")
+                title = f"### {REFERENCES[name].label}, {setting} ({dev}; float {reference['top1']:.2f})"
+                sections.append(f"{title}\n\n{table(group, rows, args.draws, reference, plain)}")
                 print(sections[-1], flush=True)
     write_doc(args.doc, sections)
 

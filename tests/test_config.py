@@ -136,5 +136,14 @@ def test_invalid_percentiles_are_rejected(percentiles: tuple[float, ...]) -> Non
         QuantConfig(percentiles=percentiles)
 
 
+def test_weight_range_metric_is_one_of_the_known_and_inputs_needs_gptq() -> None:
+    with pytest.raises(ConfigError, match="weight_range_metric='sqnr' is unknown; use one of: mse, inputs"):
+        QuantConfig(weight_range_metric="sqnr")
+    with pytest.raises(ConfigError, match=r"weight_range_metric='inputs' .* needs gptq=True"):
+        QuantConfig(weight_range_metric="inputs", gptq=False)
+    config = QuantConfig(weight_range_metric="inputs")
+    assert QuantConfig.from_json_dict(config.to_json_dict()) == config
+
+
 def test_config_errors_are_user_errors() -> None:
     assert issubclass(ConfigError, LrpqError)

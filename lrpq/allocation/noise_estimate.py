@@ -137,13 +137,16 @@ def estimate_layer_noise(
     """First-order estimate of ``measure_layer_noise``'s numbers for the float ``model`` (left untouched).
 
     The model is calibrated once, at ``config``'s widths (no plan, GPTQ or bias correction), on the first
-    ``images`` calibration images, which are also the images the noise is estimated on.
+    ``images`` calibration images, which are also the images the noise is estimated on. Weight ranges are
+    the weights' own, as GPTQ's input-weighted ranges come with GPTQ.
     """
     if images < 1 or images > calib.shape[0]:
         raise LrpqError(f"images={images} must be between 1 and the {calib.shape[0]} calibration images")
     measured = calib[:images]
     bits_range = list(range(widths[0], widths[1] + 1))
-    at_target = dataclasses.replace(config, bit_plan=BitPlan(), gptq=False, bias_correction=False)
+    at_target = dataclasses.replace(
+        config, bit_plan=BitPlan(), gptq=False, weight_range_metric="mse", bias_correction=False
+    )
     quantized = quantize(copy.deepcopy(model), at_target, measured, progress=False)
     set_mode(quantized, QuantMode.OFF)
     layers = quant_layers(quantized)

@@ -75,7 +75,7 @@ def measure_layer_noise(
     """Measure every quantized layer of the float ``model`` (left untouched) at every width in ``widths``.
 
     Each width calibrates a copy on all of ``calib`` with ``config`` at that width (no plan, no GPTQ,
-    no bias correction); the noise is measured on the first ``images`` calibration images.
+    no bias correction, so the weights' own ranges); the noise is measured on the first ``images`` calibration images.
     """
     if images < 1 or images > calib.shape[0]:
         raise LrpqError(f"images={images} must be between 1 and the {calib.shape[0]} calibration images")
@@ -86,7 +86,13 @@ def measure_layer_noise(
     bar = tqdm(desc="layer noise", unit="layer", disable=not progress)
     for bits in bits_range:
         at_width = dataclasses.replace(
-            config, wbits=bits, abits=bits, bit_plan=BitPlan(), gptq=False, bias_correction=False
+            config,
+            wbits=bits,
+            abits=bits,
+            bit_plan=BitPlan(),
+            gptq=False,
+            weight_range_metric="mse",
+            bias_correction=False,
         )
         quantized = quantize(copy.deepcopy(model), at_width, calib, progress=False)
         layers = quant_layers(quantized)

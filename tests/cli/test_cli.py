@@ -176,6 +176,19 @@ def test_range_metric_flag_reaches_the_saved_config(
     assert status == 2 and "sqnr" in err and "mse" in err and "output" in err
 
 
+def test_weight_range_flag_reaches_the_saved_config_and_a_reloaded_run(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace["root"] / "input-weighted-weights"
+    status, _, err = run_cli(quantize_args(workspace, "--weight-range", "inputs", "--out", run), capsys)
+    assert status == 0, err
+    assert json.loads((run / "config.json").read_text())["quant"]["weight_range_metric"] == "inputs"
+    assert json.loads((run / "summary.json").read_text())["weight_range_metric"] == "inputs"
+    load_run(run)  # strict load: the chosen grids are the stored ones
+    status, _, err = run_cli(quantize_args(workspace, "--weight-range", "inputs", "--no-gptq"), capsys)
+    assert status != 0 and "weight_range_metric='inputs'" in err and "gptq" in err and "\n" not in err.strip()
+
+
 def test_batch_size_reaches_calibration_and_the_summary(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
