@@ -5,7 +5,9 @@ Rounding every weight to the nearest grid point minimises the weight error, not 
 error onto the columns not yet rounded, weighted by the inverse of the inputs' second-moment matrix
 ``H = Xᵀ X``, which is the optimal update for the layer's squared output error (Optimal Brain
 Surgeon on a quadratic). The grid itself — per-output-channel scale and zero point, calibrated on
-the unrounded weight — is unchanged, so a rounded weight is one the weight quantizer reproduces.
+the unrounded weight, or with ``weight_range_metric='inputs'`` chosen from the same ``XᵀX`` just
+before the sweep (``input_weighted_range``) — is not moved by it, so a rounded weight is one the
+weight quantizer reproduces.
 
 On folded layers this matters most: a channel fold multiplies weight columns by up to ``max r``,
 and GPTQ spends the rounding error where the inputs are small.
