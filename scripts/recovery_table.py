@@ -103,9 +103,13 @@ class ReferenceModel(Measurer):
         self.name, self.cache = name, cache
         self.quant_name, self.quant_fields = quant if quant is not None else (None, {})
 
+    def plain_group(self, bits: int, plan: str) -> str:
+        """The stored name of a (width, plan) quantized without ``--quant``: ``ref-B-w4a4-mixed``."""
+        return f"{self.name}-w{bits}a{bits}-{plan}"
+
     def group(self, bits: int, plan: str) -> str:
-        """The stored name of a (width, plan): ``ref-B-w4a4-mixed``, with ``--quant``'s name after it."""
-        return f"{self.name}-w{bits}a{bits}-{plan}" + (f"-{_slug(self.quant_name)}" if self.quant_name else "")
+        """The stored name of a (width, plan), with ``--quant``'s name after the plain one."""
+        return self.plain_group(bits, plan) + (f"-{_slug(self.quant_name)}" if self.quant_name else "")
 
     def quantized(self, bits: int, plan: str, draw: int) -> torch.nn.Module:
         """The draw's quantized model, calibrated once and then read back from ``--cache``."""
@@ -321,7 +325,7 @@ def main() -> None:
                     group = Measurements(args.out, ref.group(bits, plan))
                 else:
                     group = measure(ref, bits, plan, rows, args.draws, args.steps, args.out)
-                plain = Measurements(args.out, f"{name}-w{bits}a{bits}-{plan}") if ref.quant_name else None
+                plain = Measurements(args.out, ref.plain_group(bits, plan)) if ref.quant_name else None
                 dev = f"{ref.limit} dev images" if ref.limit else "all dev images"
                 setting = f"W{bits}A{bits} {plan}" + (f", {ref.quant_name}" if ref.quant_name else "")
                 title = f"### {REFERENCES[name].label}, {setting} ({dev}; float {reference['top1']:.2f})"

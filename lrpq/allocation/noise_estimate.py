@@ -25,7 +25,6 @@ terms are left out, which is what makes it one sweep instead of one pass per lay
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES, LayerNoise
+from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES, LayerNoise, noise_config
 from lrpq.api import input_quantizers, quant_layers, quantize, set_mode
-from lrpq.config import BitPlan, QuantConfig
+from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
 from lrpq.modules import QuantConv2d, QuantLinear
 from lrpq.observers import LogSqrt2Observer, UniformObserver
@@ -136,17 +135,14 @@ def estimate_layer_noise(
 ) -> LayerNoise:
     """First-order estimate of ``measure_layer_noise``'s numbers for the float ``model`` (left untouched).
 
-    The model is calibrated once, at ``config``'s widths (no plan, GPTQ or bias correction), on the first
-    ``images`` calibration images, which are also the images the noise is estimated on. Weight ranges are
-    the weights' own, as GPTQ's input-weighted ranges come with GPTQ.
+    The model is calibrated once, with ``noise_config(config)`` at ``config``'s widths, on the first
+    ``images`` calibration images, which are also the images the noise is estimated on.
     """
     if images < 1 or images > calib.shape[0]:
         raise LrpqError(f"images={images} must be between 1 and the {calib.shape[0]} calibration images")
     measured = calib[:images]
     bits_range = list(range(widths[0], widths[1] + 1))
-    at_target = dataclasses.replace(
-        config, bit_plan=BitPlan(), gptq=False, weight_range_metric="mse", bias_correction=False
-    )
+    at_target = noise_config(config)
     quantized = quantize(copy.deepcopy(model), at_target, measured, progress=False)
     set_mode(quantized, QuantMode.OFF)
     layers = quant_layers(quantized)

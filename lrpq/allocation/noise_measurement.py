@@ -63,6 +63,14 @@ class LayerNoise:
 
 
 @torch.no_grad()
+def noise_config(config: QuantConfig, **widths: int) -> QuantConfig:
+    """``config`` (at ``widths``, if given) as the noise measurements calibrate it: no plan, no bias correction,
+    and weights rounded to nearest on their own ranges (GPTQ off, and with it the input-weighted ranges it chooses)."""
+    return dataclasses.replace(
+        config, bit_plan=BitPlan(), gptq=False, weight_range_metric="mse", bias_correction=False, **widths
+    )
+
+
 def measure_layer_noise(
     model: nn.Module,
     config: QuantConfig,
@@ -74,8 +82,8 @@ def measure_layer_noise(
 ) -> LayerNoise:
     """Measure every quantized layer of the float ``model`` (left untouched) at every width in ``widths``.
 
-    Each width calibrates a copy on all of ``calib`` with ``config`` at that width (no plan, no GPTQ,
-    no bias correction, so the weights' own ranges); the noise is measured on the first ``images`` calibration images.
+    Each width calibrates a copy on all of ``calib`` with ``noise_config(config)`` at that width; the noise
+    is measured on the first ``images`` calibration images.
     """
     if images < 1 or images > calib.shape[0]:
         raise LrpqError(f"images={images} must be between 1 and the {calib.shape[0]} calibration images")
@@ -85,15 +93,7 @@ def measure_layer_noise(
     bits_range = range(widths[0], widths[1] + 1)
     bar = tqdm(desc="layer noise", unit="layer", disable=not progress)
     for bits in bits_range:
-        at_width = dataclasses.replace(
-            config,
-            wbits=bits,
-            abits=bits,
-            bit_plan=BitPlan(),
-            gptq=False,
-            weight_range_metric="mse",
-            bias_correction=False,
-        )
+        at_width = noise_config(config, wbits=bits, abits=bits)
         quantized = quantize(copy.deepcopy(model), at_width, calib, progress=False)
         layers = quant_layers(quantized)
         bar.total = len(bits_range) * len(layers)

@@ -11,10 +11,10 @@ from conftest import FAMILIES, build_tiny, reference_snrs, tiny_input
 from timm.layers import LayerScale
 
 from lrpq.allocation.budget import layer_costs
-from lrpq.allocation.noise_measurement import LayerNoise, measure_layer_noise
+from lrpq.allocation.noise_measurement import LayerNoise, measure_layer_noise, noise_config
 from lrpq.allocation.plans import plan_widths
 from lrpq.api import quant_layers, quantize
-from lrpq.config import QuantConfig
+from lrpq.config import BitPlan, LayerBits, QuantConfig
 from lrpq.data import draw_calibration_set, load_calibration_images
 from lrpq.models import build_model, resolve_model
 from lrpq.modules import QuantMatMul
@@ -96,3 +96,12 @@ def test_reference_vit_sensitivity_plan_lowers_w4a4_logit_noise(shared_dir: Path
     configs = {"fixed": QuantConfig(4, 4), "measured": QuantConfig(4, 4).with_plan(plan)}
     snr = reference_snrs(shared_dir, "vit_cifar10", "cifar10", 8, 100, configs)
     assert snr["measured"] > snr["fixed"] + 1.5, snr  # 30% less noise power at least
+
+
+def test_noise_config_rounds_to_nearest_on_the_weights_own_ranges_whatever_the_run_uses() -> None:
+    plan = BitPlan({"head": LayerBits(6, 6)})
+    run = QuantConfig(4, 4, weight_range_metric="inputs", bias_correction=True, clip_k=2.0, bit_plan=plan)
+    config = noise_config(run, wbits=3, abits=3)  # a config "inputs" alone would refuse without GPTQ
+    assert (config.wbits, config.abits, config.bit_plan) == (3, 3, BitPlan())
+    assert (config.gptq, config.weight_range_metric, config.bias_correction) == (False, "mse", False)
+    assert config.clip_k == 2.0  # the method's own switches stay the run's
