@@ -96,7 +96,7 @@ class StreamingRounding:
         if self.offsets is not None:
             raise LrpqError(
                 f"GPTQ: layer '{self.name}' ran more than once per calibration batch, after its rounding; "
-                "quantize with gptq=False (--no-gptq)"
+                "quantize with gptq=False (--no-gptq, which also needs the default weight ranges)"
             )
         if self.moment is None:
             self.moment = SecondMoment(x.shape[-1], x.device)

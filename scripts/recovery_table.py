@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -49,6 +50,7 @@ from measure import REFERENCES, REPO, Measurer, Reference, mean_gap, pack_correc
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
 from lrpq.distill import LOSSES
+from lrpq.errors import LrpqError
 from lrpq.evaluate import EvalResult, evaluate
 from lrpq.models import build_model
 from lrpq.outputs import replace_text
@@ -271,6 +273,28 @@ def write_doc(doc: Path, sections: list[str]) -> None:
     replace_text(doc, f"{before}{START}\n\n" + "\n".join(merged) + f"\n{END}{after}")
 
 
+def _fields(
+    parser: argparse.ArgumentParser, option: str, text: str, config: type, reserved: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``text`` as a JSON object of ``config``'s fields but ``reserved`` (set by other options), checked before
+    anything is measured: one-line errors."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"{option} {text!r} is not JSON ({error.msg}); give an object such as '{{\"drop\": 0.5}}'")
+    if not isinstance(fields, dict):
+        parser.error(f"{option} {text!r} must be a JSON object of setting names and values")
+    known = [field.name for field in dataclasses.fields(config) if field.name not in reserved]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        parser.error(f"{option} cannot set {unknown[0]!r}; it sets some of {', '.join(known)}")
+    try:
+        config(**fields)
+    except LrpqError as error:
+        parser.error(f"{option} {text!r}: {error}")
+    return fields
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
@@ -310,13 +334,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     named = [(spec, {"loss": spec}) for spec in [*args.losses, *args.combos]]
-    named += [(name, json.loads(fields)) for name, fields in args.variant]
+    named += [(name, _fields(parser, "--variant", text, RecoveryConfig)) for name, text in args.variant]
+    quant = None
+    if args.quant:  # --bits sets the widths
+        quant = (args.quant[0], _fields(parser, "--quant", args.quant[1], QuantConfig, reserved=("wbits", "abits")))
     learn = {} if args.learn is None else {"learn": args.learn}
     # Stored names first: a variant "nmse" learning the rounding is another row than the loss "nmse".
     rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in named}
     sections = []
     for name in args.models:
-        quant = (args.quant[0], json.loads(args.quant[1])) if args.quant else None
         ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit, quant)
         reference = stored_float_row(ref, args.out) if args.stored_only else float_row(ref, args.out)
         for bits in args.bits:

@@ -206,6 +206,36 @@ def reference_snrs(
     return snrs
 
 
+def reference_layer_inputs(
+    shared_dir: Path, model: str, data: str, calib_images: int, every: int, layers: Sequence[str]
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The float reference model and the inputs of its ``layers`` (token rows) on the seed-0 calibration
+    draw and on every n-th dev image (the images ``reference_snrs`` uses)."""
+    float_model, calib, x, _ = _float_reference(shared_dir, model, data, calib_images, every)
+    modules = dict(float_model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(capture(name)) for name in layers]
+    try:
+        inputs = []
+        with torch.no_grad():
+            for images in (calib, x):
+                float_model(images)
+                inputs.append({name: torch.cat(captured[name]) for name in layers})
+                for rows in captured.values():
+                    rows.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float_model, inputs[0], inputs[1]
+
+
 # Running ``lrpq`` in-process and checking its one-line errors, for every CLI test.
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, reference_snrs, tiny_input
+from conftest import build_tiny, reference_layer_inputs, tiny_input
 
 from lrpq.api import quantize
 from lrpq.config import QuantConfig
@@ -247,11 +247,28 @@ def test_quantize_with_gptq_lowers_the_logit_error_at_w4() -> None:
 
 
 @pytest.mark.shared
-def test_reference_dinov2_3_bit_weights_gain_from_input_weighted_ranges(shared_dir: Path) -> None:
-    """ref-B's weights alone at 3 bits (GPTQ, activations float): choosing each row's range by its output
-    error on the calibration inputs must remove much of the logit noise the min-max ranges leave
-    (32 calibration images, every 4th dev image: 3.7 against 1.5 dB, top-1 62 against 35 %)."""
-    configs = {metric: QuantConfig(3, 8, weight_range_metric=metric) for metric in ("inputs", "mse")}
-    snr = reference_snrs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, configs, points=(".weight",))
-    # Measured 4.7 against 0.9 dB here (every 25th dev image: 4.3 against 0.6).
-    assert snr["inputs"] > snr["mse"] + 2.0, snr  # at least 37% less noise power
+def test_reference_dinov2_3_bit_layers_gain_from_input_weighted_ranges(shared_dir: Path) -> None:
+    """On ref-B's own layers (blocks 0, 6 and 11; weights at 3 bits, GPTQ from 8 calibration images), the
+    input-weighted ranges must lower every layer's output error on held-out dev images, and their sum.
+
+    Measured: 18–57 % less per layer (fc2 most), 40 % less in sum, the same to three digits with AVX2 and
+    AVX-512 kernels. The whole model's logit SNR is no floor at 3 bits: GPTQ's error feedback makes the
+    min-max model's SNR on 8 dev images vary from 0.9 to 3.1 dB between two machines' kernels
+    (docs/findings.md).
+    """
+    kinds = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    layers = [f"blocks.{block}.{kind}" for block in (0, 6, 11) for kind in kinds]
+    model, calib, dev = reference_layer_inputs(shared_dir, "vits14_imagenette", "imagenette", 8, 75, layers)
+    modules = dict(model.named_modules())
+    relative_errors: dict[str, list[float]] = {"min-max": [], "inputs": []}
+    for name in layers:
+        weight, h = modules[name].weight.detach(), second_moment(calib[name])
+        minmax = uniform_qparams(weight.min(1).values, weight.max(1).values, 3)
+        grids = {"min-max": tuple(t[:, None] for t in minmax), "inputs": input_weighted_range(weight, h, 3)}
+        power = (dev[name] @ weight.T).square().sum()
+        for key, (scale, zero_point) in grids.items():
+            error = dev[name] @ (gptq_round(weight, h, scale, zero_point, 3) - weight).T
+            relative_errors[key].append((error.square().sum() / power).item())
+    ratios = [a / b for a, b in zip(relative_errors["inputs"], relative_errors["min-max"], strict=True)]
+    assert max(ratios) < 0.9, dict(zip(layers, ratios, strict=True))  # measured at most 0.82
+    assert sum(relative_errors["inputs"]) < 0.75 * sum(relative_errors["min-max"]), relative_errors  # measured 0.60
