@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from lrpq.api import quantize, quantizers
+from lrpq.calibrate import observe_inputs
 from lrpq.cli import main
 from lrpq.config import QuantConfig
 from lrpq.noise_breakdown import snr_db
@@ -206,33 +207,29 @@ def reference_snrs(
     return snrs
 
 
+class _Rows:
+    """A ``lrpq.calibrate.Recorder`` that keeps a stream's token rows."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        self.parts.append(x.detach().reshape(-1, x.shape[-1]))
+
+
 def reference_layer_inputs(
     shared_dir: Path, model: str, data: str, calib_images: int, every: int, layers: Sequence[str]
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The float reference model and the inputs of its ``layers`` (token rows) on the seed-0 calibration
     draw and on every n-th dev image (the images ``reference_snrs`` uses)."""
     float_model, calib, x, _ = _float_reference(shared_dir, model, data, calib_images, every)
-    modules = dict(float_model.named_modules())
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-
-    def capture(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            captured[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(capture(name)) for name in layers]
-    try:
-        inputs = []
-        with torch.no_grad():
-            for images in (calib, x):
-                float_model(images)
-                inputs.append({name: torch.cat(captured[name]) for name in layers})
-                for rows in captured.values():
-                    rows.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
+    modules = {name: float_model.get_submodule(name) for name in layers}
+    inputs = []
+    for images in (calib, x):
+        rows = {name: _Rows() for name in layers}
+        with torch.no_grad(), observe_inputs(modules, rows):
+            float_model(images)
+        inputs.append({name: torch.cat(recorded.parts) for name, recorded in rows.items()})
     return float_model, inputs[0], inputs[1]
 
 

@@ -62,7 +62,6 @@ class LayerNoise:
         Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
 
 
-@torch.no_grad()
 def noise_config(config: QuantConfig, **widths: int) -> QuantConfig:
     """``config`` (at ``widths``, if given) as the noise measurements calibrate it: no plan, no bias correction,
     and weights rounded to nearest on their own ranges (GPTQ off, and with it the input-weighted ranges it chooses)."""
@@ -71,6 +70,7 @@ def noise_config(config: QuantConfig, **widths: int) -> QuantConfig:
     )
 
 
+@torch.no_grad()
 def measure_layer_noise(
     model: nn.Module,
     config: QuantConfig,
