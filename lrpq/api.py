@@ -311,12 +311,7 @@ def quantize(
     batches = len(_batches(calib, batch_size))
     roundings = {
         name: StreamingRounding(
-            name,
-            layer.weight,
-            layer.weight_quantizer,
-            batches,
-            choose_range=config.weight_range_metric == "inputs",
-            act_order=config.gptq_act_order,
+            name, layer.weight, layer.weight_quantizer, batches, choose_range=config.weight_range_metric == "inputs"
         )
         for name, layer in rounded.items()
     }

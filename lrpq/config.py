@@ -151,7 +151,6 @@ class QuantConfig:
     calibrate_on_quantized: bool = False
     range_metric: str = "mse"
     weight_range_metric: str = "mse"
-    gptq_act_order: bool = False
     per_channel_weights: bool = True
     log_softmax: bool = True
     bit_plan: BitPlan = field(default_factory=BitPlan)

@@ -84,16 +84,10 @@ class StreamingRounding:
     """
 
     def __init__(
-        self,
-        name: str,
-        weight: torch.Tensor,
-        grid: WeightGrid,
-        batches: int,
-        choose_range: bool = False,
-        act_order: bool = False,
+        self, name: str, weight: torch.Tensor, grid: WeightGrid, batches: int, choose_range: bool = False
     ) -> None:
         self.name, self.weight, self.grid, self.batches = name, weight, grid, batches
-        self.choose_range, self.act_order = choose_range, act_order
+        self.choose_range = choose_range
         self.moment: SecondMoment | None = None  # allocated on the first input, on its device
         self.offsets: torch.Tensor | None = None
         self.calls = 0
@@ -117,9 +111,7 @@ class StreamingRounding:
             grid = self.grid
             if self.choose_range:
                 grid.set_qparams(*input_weighted_range(self.weight, self.moment.matrix, grid.bits))
-            rounded = _round_consuming(
-                self.weight, self._take_matrix(), grid.scale, grid.zero_point, grid.bits, self.act_order
-            )
+            rounded = _round_consuming(self.weight, self._take_matrix(), grid.scale, grid.zero_point, grid.bits)
             self.offsets = grid.rounding_offsets(self.weight, rounded)
         return self.offsets
 
@@ -205,18 +197,9 @@ def gptq_round(
 
 
 def _round_consuming(
-    weight: torch.Tensor,
-    h: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    bits: int,
-    act_order: bool = False,
+    weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """``gptq_round`` on a float64 ``h`` that it may overwrite, and drops as soon as it is factorised."""
-    if act_order:  # columns by decreasing input power (GPTQ's act-order), a stable sort
-        order = torch.sort(h.diagonal(), descending=True, stable=True).indices
-        rounded = _round_consuming(weight[:, order], h[order][:, order], scale, zero_point, bits)
-        return torch.empty_like(rounded).index_copy_(1, order, rounded)
     h.diagonal().masked_fill_(h.diagonal() == 0, 1.0)  # dead channels
     _damp(h)
     # inverse_cholesky(h), dropping each matrix once the next is made: the flipped copy replaces h, the

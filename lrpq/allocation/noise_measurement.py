@@ -66,13 +66,7 @@ def noise_config(config: QuantConfig, **widths: int) -> QuantConfig:
     """``config`` (at ``widths``, if given) as the noise measurements calibrate it: no plan, no bias correction,
     and weights rounded to nearest on their own ranges (GPTQ off, and with it the input-weighted ranges it chooses)."""
     return dataclasses.replace(
-        config,
-        bit_plan=BitPlan(),
-        gptq=False,
-        weight_range_metric="mse",
-        gptq_act_order=False,
-        bias_correction=False,
-        **widths,
+        config, bit_plan=BitPlan(), gptq=False, weight_range_metric="mse", bias_correction=False, **widths
     )
 
 
