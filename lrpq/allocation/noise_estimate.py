@@ -37,7 +37,6 @@ from lrpq.allocation.noise_measurement import DEFAULT_NOISE_IMAGES, LayerNoise, 
 from lrpq.api import input_quantizers, quant_layers, quantize, set_mode
 from lrpq.config import QuantConfig
 from lrpq.errors import LrpqError
-from lrpq.gptq import SecondMoment, input_weighted_range
 from lrpq.modules import QuantConv2d, QuantLinear
 from lrpq.observers import LogSqrt2Observer, UniformObserver
 from lrpq.primitives import fake_quant_log_sqrt2, fake_quant_uniform, uniform_qparams
@@ -78,12 +77,8 @@ def _regridded(quantizer: UniformQuantizer, bits: int) -> _Grid:
     return _Grid(*uniform_qparams(lower, upper, bits), bits)
 
 
-def _weight_grid(layer: QuantLinear | QuantConv2d, bits: int, moment: SecondMoment | None) -> _Grid:
-    """The weight's grid at ``bits``: its own range, or with ``moment`` (its inputs' ``XᵀX``) the input-weighted one."""
+def _weight_grid(layer: QuantLinear | QuantConv2d, bits: int) -> _Grid:
     quantizer = layer.weight_quantizer
-    if moment is not None:
-        scale, zero_point = input_weighted_range(layer.weight, moment.matrix, bits)
-        return _Grid(scale.reshape(quantizer.scale.shape), zero_point.reshape(quantizer.zero_point.shape), bits)
     observer = UniformObserver(quantizer.name, bits, quantizer.percentiles, quantizer.channel_dim)
     observer.update(layer.weight)
     scale, zero_point = observer.qparams()
@@ -165,24 +160,14 @@ def estimate_layer_noise(
     device = next(quantized.parameters()).device
     measured = measured.to(device)
 
-    # Pass 1: the percentile search of every searched point at every width, in one forward (and the
-    # inputs' XᵀX of every Linear whose weight range the run chooses from it).
+    # Pass 1: the percentile search of every searched point at every width, in one forward.
     observers = {name: {b: _observer(q, b) for b in bits_range} for name, q in points.items() if name not in fixed}
-    moments: dict[str, SecondMoment] = {}
-    if config.gptq and config.weight_range_metric == "inputs":
-        moments = {
-            name: SecondMoment(layer.in_features, device)
-            for name, layer in weighted.items()
-            if isinstance(layer, QuantLinear)
-        }
     with _capturing(every_point, {}) as seen, torch.no_grad():
         for start in range(0, images, IMAGES_PER_PASS):
             quantized(measured[start : start + IMAGES_PER_PASS])
             for name, per_width in observers.items():
                 for observer in per_width.values():
                     observer.update(seen[name])
-            for name, moment in moments.items():
-                moment.update(seen[weighted[name].input_quantizer.name])
     grids: dict[str, dict[int, _Grid]] = {}
     for name, quantizer in points.items():
         if name in fixed:
@@ -192,7 +177,7 @@ def estimate_layer_noise(
         else:
             grids[name] = {b: _Grid(*observers[name][b].qparams(), b) for b in bits_range}
     weight_deltas = {
-        name: {b: _weight_grid(layer, b, moments.get(name)).error(layer.weight.detach()) for b in bits_range}
+        name: {b: _weight_grid(layer, b).error(layer.weight.detach()) for b in bits_range}
         for name, layer in weighted.items()
     }
 
