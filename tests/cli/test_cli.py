@@ -165,26 +165,34 @@ def test_bias_correction_flag_reaches_the_saved_config_and_the_run_reloads(
     assert all(layer.bias is not None for layer in weighted_layers(model).values())
 
 
-def test_range_metric_flag_reaches_the_saved_config(
+@pytest.mark.parametrize(
+    ("flags", "key", "value"),
+    [
+        (["--range-metric", "output"], "range_metric", "output"),
+        (["--weight-range", "inputs"], "weight_range_metric", "inputs"),
+    ],
+)
+def test_calibration_flags_reach_the_saved_config_the_summary_and_a_reloaded_run(
+    flags: list[str], key: str, value: object, workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workspace["root"] / key
+    status, _, err = run_cli(quantize_args(workspace, *flags, "--out", run), capsys)
+    assert status == 0, err
+    assert json.loads((run / "config.json").read_text())["quant"][key] == value
+    assert json.loads((run / "summary.json").read_text())[key] == value
+    load_run(run)  # strict load: the chosen grids and roundings are the stored ones
+
+
+def test_an_unknown_range_metric_is_one_line_naming_the_choices(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = workspace["root"] / "output-weighted"
-    status, _, err = run_cli(quantize_args(workspace, "--range-metric", "output", "--out", run), capsys)
-    assert status == 0, err
-    assert json.loads((run / "config.json").read_text())["quant"]["range_metric"] == "output"
     status, _, err = run_cli(quantize_args(workspace, "--range-metric", "sqnr"), capsys)
     assert status == 2 and "sqnr" in err and "mse" in err and "output" in err
 
 
-def test_weight_range_flag_reaches_the_saved_config_and_a_reloaded_run(
+def test_input_weighted_ranges_without_gptq_are_a_one_line_error(
     workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = workspace["root"] / "input-weighted-weights"
-    status, _, err = run_cli(quantize_args(workspace, "--weight-range", "inputs", "--out", run), capsys)
-    assert status == 0, err
-    assert json.loads((run / "config.json").read_text())["quant"]["weight_range_metric"] == "inputs"
-    assert json.loads((run / "summary.json").read_text())["weight_range_metric"] == "inputs"
-    load_run(run)  # strict load: the chosen grids are the stored ones
     status, _, err = run_cli(quantize_args(workspace, "--weight-range", "inputs", "--no-gptq"), capsys)
     assert status != 0 and "weight_range_metric='inputs'" in err and "gptq" in err and "\n" not in err.strip()
 
