@@ -24,6 +24,8 @@ from whatever is stored and measures nothing:
     python scripts/recovery_table.py --models ref-B --bits 4 --plans mixed --draws 0 1 2 --stored-only
     python scripts/recovery_table.py --models ref-B --bits 3 --plans mixed --draws 0 1 2 --losses nmse \
         --quant "input-weighted weight ranges" '{"weight_range_metric": "inputs"}'   # and "− without" it
+    python scripts/recovery_table.py --models ref-B --bits 3 --plans fixed --draws 0 1 2 --losses \
+        --quant "input-weighted weight ranges" '{"weight_range_metric": "inputs"}'   # unrecovered rows alone
     python scripts/recovery_table.py --models ref-B --bits 4 --plans fixed --draws 0 --stored-only \
         --learn rounding scales norms biases   # rows stored as "<row>, learning rounding"
 
@@ -300,7 +302,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="W=A widths (default 4 3)")
     parser.add_argument("--plans", nargs="+", choices=("fixed", "mixed"), default=["fixed", "mixed"])
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES), help=f"single losses (default all {len(LOSSES)})")
+    parser.add_argument(
+        "--losses",
+        nargs="*",
+        default=list(LOSSES),
+        help=f"single losses (default all {len(LOSSES)}; none: the unrecovered rows alone)",
+    )
     parser.add_argument("--combos", nargs="*", default=[], help="more loss specs, e.g. kd+mse")
     parser.add_argument(
         "--variant",
