@@ -45,7 +45,7 @@ from lrpq.errors import LrpqError
 from lrpq.models import ModelSpec, build_model, resolve_model
 from lrpq.prune.cost import model_cost
 from lrpq.recovery import DEFAULT_LOSS as DEFAULT_RECOVERY_LOSS
-from lrpq.recovery import LEARNABLE, RecoveryConfig, RecoveryReport, recover
+from lrpq.recovery import LEARNABLE, RECOVERY_WEIGHT_RANGE, RecoveryConfig, RecoveryReport, recover
 from lrpq.relevance import LayerScores
 from lrpq.runs import staged_run_dir, write_run
 
@@ -69,13 +69,21 @@ def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> Quant
         gptq=not args.no_gptq,
         bias_correction=args.bias_correction,
         range_metric=args.range_metric,
-        weight_range_metric=args.weight_range,
+        weight_range_metric=_weight_range(args),
         clip_k=None if args.no_crl else args.clip_k,
         folded_grid=args.folded_grid,
     )
     if args.bit_plan:
         config = config.with_plan(BitPlan.load(args.bit_plan))
     return config
+
+
+def _weight_range(args: argparse.Namespace) -> str:
+    """--weight-range, by default the input-weighted ranges for a run that --recover trains with GPTQ's rounding
+    (measured better after recovery on both references), each row's own range otherwise."""
+    if args.weight_range is not None:
+        return args.weight_range
+    return RECOVERY_WEIGHT_RANGE if args.recover is not None and not args.no_gptq else "mse"
 
 
 def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -> Path:
@@ -279,9 +287,9 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--weight-range",
         choices=WEIGHT_RANGE_METRICS,
-        default="mse",
         help="choose each weight row's range by its own squared error (mse) or by the output error on the "
-        "calibration inputs (inputs: shrinks the range where that helps, chosen by GPTQ; best at 3 bits)",
+        "calibration inputs (inputs: shrinks the range where that helps, chosen by GPTQ; best at 3 bits and "
+        f"after recovery). Default: {RECOVERY_WEIGHT_RANGE} with --recover (and GPTQ), mse otherwise",
     )
     q.add_argument(
         "--clip-k",

@@ -14,6 +14,12 @@ DEFAULT_LOSS = "nmse"  # measured best on ref-B W4A4 over three draws (docs/reco
 # Not the rounding: at its rate no weight changed level on ref-B W4A4 (--mixed, draw 0) or ref-A W4A4, so
 # learning it gave the same model, and its weight gradients cost a fifth of the time (docs/recovery.md).
 DEFAULT_LEARN = ("scales", "norms", "biases")
+# How the weights of a model to be recovered are best ranged (QuantConfig.weight_range_metric; the CLI's
+# default with --recover): the input-weighted ranges never lost after recovery (ref-B W4A4 +1.1 fixed and
+# +1.6 --mixed, W3A3 --mixed +9.0; ref-A +0.0 and +0.7; three draws each), where unrecovered at 4 bits
+# they lean the other way (-0.5, -1.1): what they clip is partly a bias and gain error, which the biases
+# and norms recovery learns take back, and the finer grid stays (docs/recovery.md).
+RECOVERY_WEIGHT_RANGE = "inputs"
 
 
 class RecoveryError(LrpqError):

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_one_error_line, quantize_args, run_cli, write_class_images
 from safetensors.torch import save_file
 
-from lrpq.recovery import DEFAULT_LOSS, RecoveryConfig
+from lrpq.recovery import DEFAULT_LOSS, RECOVERY_WEIGHT_RANGE, RecoveryConfig
 from lrpq.runs import load_run
 
 CLASSES = ["cat", "dog"]
@@ -87,6 +87,24 @@ def test_a_named_combination_and_a_plain_run(
     assert status == 0
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["recovered"] is False
     assert "recovery" not in json.loads((tmp_path / "b" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("flags", "weight_range"),
+    [
+        (["--recover", "--recover-steps", "1"], RECOVERY_WEIGHT_RANGE),
+        (["--recover", "--recover-steps", "1", "--weight-range", "mse"], "mse"),
+        (["--recover", "--recover-steps", "1", "--no-gptq"], "mse"),  # the input-weighted ranges need GPTQ
+        ([], "mse"),
+    ],
+)
+def test_a_run_to_be_recovered_gets_the_input_weighted_ranges_unless_told_otherwise(
+    flags: list[str], weight_range: str, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, err = run_cli(quantize_args(workspace, *flags, "--out", tmp_path / "run"), capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["quant"]["weight_range_metric"] == weight_range
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["weight_range_metric"] == weight_range
 
 
 @pytest.mark.parametrize(
