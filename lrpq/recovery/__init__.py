@@ -4,7 +4,7 @@
 LayerNorm/bias floats (and, asked with ``learn``, AdaRound weight rounding) end to end against an
 ``lrpq.distill`` loss, and leaves a fake-quant model with the same bit plan whose learned values all
 live in its state dict. Quantize a model meant for recovery with
-``QuantConfig(weight_range_metric=RECOVERY_WEIGHT_RANGE)``: measured better after recovery everywhere.
+``QuantConfig(weight_range_metric=RECOVERY_WEIGHT_RANGE)``: after recovery it was never worse (docs/recovery.md).
 """
 
 from lrpq.recovery.config import DEFAULT_LEARN, DEFAULT_LOSS, RECOVERY_WEIGHT_RANGE, RecoveryConfig, RecoveryError
