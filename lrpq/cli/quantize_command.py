@@ -80,10 +80,10 @@ def _quant_config(args: argparse.Namespace, wbits: float, abits: float) -> Quant
 
 def _weight_range(args: argparse.Namespace) -> str:
     """--weight-range, by default the input-weighted ranges for a run that --recover trains with GPTQ's rounding
-    (measured better after recovery on both references), each row's own range otherwise."""
+    (never worse after recovery on either reference), the library's default otherwise."""
     if args.weight_range is not None:
         return args.weight_range
-    return RECOVERY_WEIGHT_RANGE if args.recover is not None and not args.no_gptq else "mse"
+    return RECOVERY_WEIGHT_RANGE if args.recover is not None and not args.no_gptq else QuantConfig.weight_range_metric
 
 
 def _default_run_dir(spec: ModelSpec, wbits: float, abits: float, mixed: bool) -> Path:
@@ -289,7 +289,8 @@ def add_quantize_parser(commands: argparse._SubParsersAction) -> None:
         choices=WEIGHT_RANGE_METRICS,
         help="choose each weight row's range by its own squared error (mse) or by the output error on the "
         "calibration inputs (inputs: shrinks the range where that helps, chosen by GPTQ; best at 3 bits and "
-        f"after recovery). Default: {RECOVERY_WEIGHT_RANGE} with --recover (and GPTQ), mse otherwise",
+        f"after recovery). Default: {RECOVERY_WEIGHT_RANGE} with --recover (and GPTQ), "
+        f"{QuantConfig.weight_range_metric} otherwise",
     )
     q.add_argument(
         "--clip-k",
