@@ -101,11 +101,18 @@ class ReferenceModel(Measurer):
     kept as run directories."""
 
     def __init__(
-        self, name: str, ref: Reference, cache: Path, limit: int | None, quant: tuple[str, dict[str, Any]] | None
+        self,
+        name: str,
+        ref: Reference,
+        cache: Path,
+        limit: int | None,
+        quant: tuple[str, dict[str, Any]] | None,
+        plan_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(ref, limit, torch.get_num_threads())
         self.name, self.cache = name, cache
         self.quant_name, self.quant_fields = quant if quant is not None else (None, {})
+        self.plan_options = plan_options or {}
 
     def plain_group(self, bits: int, plan: str) -> str:
         """The stored name of a (width, plan) quantized without ``--quant``: ``ref-B-w4a4-mixed``."""
@@ -124,7 +131,8 @@ class ReferenceModel(Measurer):
         model, calib = build_model(self.spec), self.calib(draw)
         config = QuantConfig(bits, bits, **self.quant_fields)
         if plan == "mixed":
-            plan_made = mixed_plan(model, config, calib, allocator=DEFAULT_ALLOCATOR, progress=False)
+            options = {"allocator": DEFAULT_ALLOCATOR, **self.plan_options}
+            plan_made = mixed_plan(model, config, calib, **options, progress=False)
             config = config.with_plan(plan_made.plan)
         quantize(model, config, calib, progress=False)
         save_run(folder, model, self.spec, config, {"draw": draw}, overwrite=True)
@@ -145,6 +153,8 @@ def measure(
     base = {"model": ref.name, "limit": ref.limit, "threads": torch.get_num_threads()}
     if ref.quant_fields:  # a NAME reused with other fields is another measurement
         base["quant"] = ref.quant_fields
+    if ref.plan_options and plan == "mixed":
+        base["plan_options"] = ref.plan_options
     for draw in draws:
         quantized = None
         for row in [UNRECOVERED, *rows]:
@@ -297,6 +307,19 @@ def _fields(
     return fields
 
 
+def _plan_options(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:
+    """``--plan-options``: a JSON object of ``mixed_plan``'s plain keyword arguments (one-line errors)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--plan-options {text!r} is not JSON ({error.msg}); e.g. '{{\"min_wbits\": 4}}'")
+    known = ["allocator", "budget", "min_wbits", "noise_images", "noise_method", "relevance_weight", "relevance_scale"]
+    unknown = sorted(set(options) - set(known)) if isinstance(options, dict) else ["(not an object)"]
+    if unknown:
+        parser.error(f"--plan-options cannot set {unknown[0]!r}; it sets some of {', '.join(known)}")
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(REFERENCES), default=sorted(REFERENCES))
@@ -330,6 +353,12 @@ def main() -> None:
         help="QuantConfig fields of every quantized draw, stored and titled under NAME, e.g. "
         '"input-weighted weight ranges" \'{"weight_range_metric": "inputs"}\'',
     )
+    parser.add_argument(
+        "--plan-options",
+        metavar="JSON",
+        help="keyword arguments of lrpq.allocation.mixed_plan for the mixed plans, stored under --quant's NAME, "
+        "e.g. '{\"min_wbits\": 4}'",
+    )
     parser.add_argument("--draws", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds")
     parser.add_argument("--steps", type=int, help=f"recovery steps (default {RecoveryConfig.steps})")
     parser.add_argument("--limit", type=int, help="an evenly spaced subset of each dev folder")
@@ -345,12 +374,15 @@ def main() -> None:
     quant = None
     if args.quant:  # --bits sets the widths
         quant = (args.quant[0], _fields(parser, "--quant", args.quant[1], QuantConfig, reserved=("wbits", "abits")))
+    plan_options = _plan_options(parser, args.plan_options) if args.plan_options else None
+    if plan_options and not args.quant:
+        parser.error("--plan-options needs --quant NAME JSON to store its rows under (JSON may be '{}')")
     learn = {} if args.learn is None else {"learn": args.learn}
     # Stored names first: a variant "nmse" learning the rounding is another row than the loss "nmse".
     rows = {stored_name(name, {**learn, **fields}): {**learn, **fields} for name, fields in named}
     sections = []
     for name in args.models:
-        ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit, quant)
+        ref = ReferenceModel(name, REFERENCES[name], args.cache, args.limit, quant, plan_options)
         reference = stored_float_row(ref, args.out) if args.stored_only else float_row(ref, args.out)
         for bits in args.bits:
             for plan in args.plans:
