@@ -11,7 +11,10 @@ there with the same setting, so the script resumes; quantized draws are kept as 
 ``--cache`` so a resumed run does not calibrate again. ``--doc`` gets one table per (model, width,
 plan) between the markers below (the rest of the file is left as it is). ``--quant NAME JSON`` quantizes
 every draw with those ``QuantConfig`` fields instead, stored under NAME, and adds each row's paired gap
-to the same row quantized without them. Stored settings record the
+to the same row quantized without them (``--plan-options JSON`` adds ``mixed_plan`` arguments to NAME's
+mixed plans). A recovery is seeded by its draw, plus a variant's ``"seed"``: ``--variant "nmse, seed
++100" '{"seed": 100}'`` recovers the same quantized draws again with other batches and views. Each
+stored row also records the CPU kernels it ran on. Stored settings record the
 thread count, so a re-run at another ``--threads`` measures again; ``--stored-only`` writes the tables
 from whatever is stored and measures nothing:
 
@@ -91,7 +94,17 @@ class Measurements:
 
     def put(self, row: str, draw: int | None, setting: dict[str, Any], result: EvalResult, **facts: Any) -> dict:
         correct = pack_correct(result.correct)
-        stored = {"top1": result.top1, "n": result.n, "correct": correct, **facts, "setting": setting}
+        # The CPU kernels a row ran on, a fact rather than a setting: a machine's kernels move a ref-B row by about a
+        # point (docs/recovery.md), so rows compare only within one kind of machine.
+        kernels = torch.backends.cpu.get_cpu_capability()
+        stored = {
+            "top1": result.top1,
+            "n": result.n,
+            "correct": correct,
+            **facts,
+            "cpu_kernels": kernels,
+            "setting": setting,
+        }
         replace_text(self.path(row, draw), json.dumps(stored, indent=1) + "\n")
         return stored
 
@@ -158,7 +171,9 @@ def measure(
     for draw in draws:
         quantized = None
         for row in [UNRECOVERED, *rows]:
-            fields = {**rows[row], "seed": draw, **_steps(steps)} if row != UNRECOVERED else None
+            # The draw seeds the recovery; a variant's "seed" is added to it (another recovery of the same models).
+            seed = draw + rows[row].get("seed", 0) if row != UNRECOVERED else None
+            fields = {**rows[row], "seed": seed, **_steps(steps)} if row != UNRECOVERED else None
             recovery = RecoveryConfig(**fields) if fields is not None else None
             setting = {**base, "bits": bits, "plan": plan, "draw": draw}
             setting["recovery"] = recovery.to_json_dict() if recovery else None
