@@ -54,6 +54,7 @@ from measure import REFERENCES, REPO, Measurer, Reference, mean_gap, pack_correc
 
 from lrpq import QuantConfig, quantize
 from lrpq.allocation.plans import DEFAULT_ALLOCATOR, mixed_plan
+from lrpq.config import BitPlan
 from lrpq.distill import LOSSES
 from lrpq.errors import LrpqError
 from lrpq.evaluate import EvalResult, evaluate
@@ -64,6 +65,16 @@ from lrpq.runs import is_run_dir, load_run, save_run
 
 START, END = "<!-- recovery-table:start -->", "<!-- recovery-table:end -->"
 UNRECOVERED, FLOAT = "unrecovered", "float"
+# The plain keyword arguments of ``mixed_plan`` that ``--plan-options`` may set.
+PLAN_OPTIONS = (
+    "allocator",
+    "budget",
+    "min_wbits",
+    "noise_images",
+    "noise_method",
+    "relevance_weight",
+    "relevance_scale",
+)
 
 
 def _slug(text: str) -> str:
@@ -138,18 +149,28 @@ class ReferenceModel(Measurer):
     def quantized(self, bits: int, plan: str, draw: int) -> torch.nn.Module:
         """The draw's quantized model, calibrated once and then read back from ``--cache``."""
         folder = self.cache / f"{self.group(bits, plan)}@{draw}"
-        if is_run_dir(folder):
-            return load_run(folder)[0]
+        config = QuantConfig(bits, bits, **self.quant_fields)
+        plan_options = self.plan_options if plan == "mixed" else {}
+        made_with = {"draw": draw, **({"plan_options": plan_options} if plan_options else {})}
+        if is_run_dir(folder):  # a NAME reused with other fields or plan options is calibrated again
+            model, _, cached = load_run(folder)
+            summary = json.loads((folder / "summary.json").read_text())
+            if dataclasses.replace(cached, bit_plan=BitPlan()) == config and _made_with(summary) == made_with:
+                return model
         torch.manual_seed(draw)
         model, calib = build_model(self.spec), self.calib(draw)
-        config = QuantConfig(bits, bits, **self.quant_fields)
         if plan == "mixed":
-            options = {"allocator": DEFAULT_ALLOCATOR, **self.plan_options}
+            options = {"allocator": DEFAULT_ALLOCATOR, **plan_options}
             plan_made = mixed_plan(model, config, calib, **options, progress=False)
             config = config.with_plan(plan_made.plan)
         quantize(model, config, calib, progress=False)
-        save_run(folder, model, self.spec, config, {"draw": draw}, overwrite=True)
+        save_run(folder, model, self.spec, config, made_with, overwrite=True)
         return model
+
+
+def _made_with(summary: dict[str, Any]) -> dict[str, Any]:
+    """What of a cached run's summary says how it was made (``ReferenceModel.quantized`` writes it)."""
+    return {key: summary[key] for key in ("draw", "plan_options") if key in summary}
 
 
 def measure(
@@ -171,10 +192,10 @@ def measure(
     for draw in draws:
         quantized = None
         for row in [UNRECOVERED, *rows]:
-            # The draw seeds the recovery; a variant's "seed" is added to it (another recovery of the same models).
-            seed = draw + rows[row].get("seed", 0) if row != UNRECOVERED else None
-            fields = {**rows[row], "seed": seed, **_steps(steps)} if row != UNRECOVERED else None
-            recovery = RecoveryConfig(**fields) if fields is not None else None
+            recovery = None
+            if row != UNRECOVERED:  # the draw seeds the recovery; a variant's "seed" is added to it
+                seed = draw + rows[row].get("seed", 0)
+                recovery = RecoveryConfig(**{**rows[row], "seed": seed, **_steps(steps)})
             setting = {**base, "bits": bits, "plan": plan, "draw": draw}
             setting["recovery"] = recovery.to_json_dict() if recovery else None
             if group.get(row, draw, setting) is not None:
@@ -300,39 +321,34 @@ def write_doc(doc: Path, sections: list[str]) -> None:
     replace_text(doc, f"{before}{START}\n\n" + "\n".join(merged) + f"\n{END}{after}")
 
 
-def _fields(
-    parser: argparse.ArgumentParser, option: str, text: str, config: type, reserved: tuple[str, ...] = ()
+def _json_object(
+    parser: argparse.ArgumentParser, option: str, text: str, known: list[str] | tuple[str, ...], example: str
 ) -> dict[str, Any]:
-    """``text`` as a JSON object of ``config``'s fields but ``reserved`` (set by other options), checked before
-    anything is measured: one-line errors."""
+    """``text`` as a JSON object whose keys are all ``known``, checked before anything is measured: one-line errors."""
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as error:
-        parser.error(f"{option} {text!r} is not JSON ({error.msg}); give an object such as '{{\"drop\": 0.5}}'")
+        parser.error(f"{option} {text!r} is not JSON ({error.msg}); give an object such as '{example}'")
     if not isinstance(fields, dict):
         parser.error(f"{option} {text!r} must be a JSON object of setting names and values")
-    known = [field.name for field in dataclasses.fields(config) if field.name not in reserved]
     unknown = sorted(set(fields) - set(known))
     if unknown:
         parser.error(f"{option} cannot set {unknown[0]!r}; it sets some of {', '.join(known)}")
+    return fields
+
+
+def _fields(
+    parser: argparse.ArgumentParser, option: str, text: str, config: type, reserved: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``text`` as a JSON object of ``config``'s fields but ``reserved`` (set by other options) that ``config``
+    accepts."""
+    known = [field.name for field in dataclasses.fields(config) if field.name not in reserved]
+    fields = _json_object(parser, option, text, known, '{"drop": 0.5}')
     try:
         config(**fields)
     except LrpqError as error:
         parser.error(f"{option} {text!r}: {error}")
     return fields
-
-
-def _plan_options(parser: argparse.ArgumentParser, text: str) -> dict[str, Any]:
-    """``--plan-options``: a JSON object of ``mixed_plan``'s plain keyword arguments (one-line errors)."""
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        parser.error(f"--plan-options {text!r} is not JSON ({error.msg}); e.g. '{{\"min_wbits\": 4}}'")
-    known = ["allocator", "budget", "min_wbits", "noise_images", "noise_method", "relevance_weight", "relevance_scale"]
-    unknown = sorted(set(options) - set(known)) if isinstance(options, dict) else ["(not an object)"]
-    if unknown:
-        parser.error(f"--plan-options cannot set {unknown[0]!r}; it sets some of {', '.join(known)}")
-    return options
 
 
 def main() -> None:
@@ -389,7 +405,9 @@ def main() -> None:
     quant = None
     if args.quant:  # --bits sets the widths
         quant = (args.quant[0], _fields(parser, "--quant", args.quant[1], QuantConfig, reserved=("wbits", "abits")))
-    plan_options = _plan_options(parser, args.plan_options) if args.plan_options else None
+    plan_options = None
+    if args.plan_options:
+        plan_options = _json_object(parser, "--plan-options", args.plan_options, PLAN_OPTIONS, '{"min_wbits": 4}')
     if plan_options and not args.quant:
         parser.error("--plan-options needs --quant NAME JSON to store its rows under (JSON may be '{}')")
     learn = {} if args.learn is None else {"learn": args.learn}
