@@ -338,12 +338,17 @@ def _json_object(
 
 
 def _fields(
-    parser: argparse.ArgumentParser, option: str, text: str, config: type, reserved: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    option: str,
+    text: str,
+    config: type,
+    example: str,
+    reserved: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """``text`` as a JSON object of ``config``'s fields but ``reserved`` (set by other options) that ``config``
-    accepts."""
+    accepts; ``example`` is shown when ``text`` is not JSON."""
     known = [field.name for field in dataclasses.fields(config) if field.name not in reserved]
-    fields = _json_object(parser, option, text, known, '{"drop": 0.5}')
+    fields = _json_object(parser, option, text, known, example)
     try:
         config(**fields)
     except LrpqError as error:
@@ -401,10 +406,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     named = [(spec, {"loss": spec}) for spec in [*args.losses, *args.combos]]
-    named += [(name, _fields(parser, "--variant", text, RecoveryConfig)) for name, text in args.variant]
+    named += [
+        (name, _fields(parser, "--variant", text, RecoveryConfig, '{"drop": 0.5}')) for name, text in args.variant
+    ]
     quant = None
     if args.quant:  # --bits sets the widths
-        quant = (args.quant[0], _fields(parser, "--quant", args.quant[1], QuantConfig, reserved=("wbits", "abits")))
+        name, text = args.quant
+        example = '{"weight_range_metric": "inputs"}'
+        quant = (name, _fields(parser, "--quant", text, QuantConfig, example, reserved=("wbits", "abits")))
     plan_options = None
     if args.plan_options:
         plan_options = _json_object(parser, "--plan-options", args.plan_options, PLAN_OPTIONS, '{"min_wbits": 4}')
